@@ -1,0 +1,410 @@
+"""The job file: YAML validated once into frozen, typed models.
+
+Everything downstream of `load_job` receives a `JobSpec`, never a dict. Every
+problem in a job file is collected and reported at once, each with its YAML key
+path and the offending value. Field descriptions double as the documentation
+(`tunefleet docs`, README's job-file reference), so they cannot drift apart.
+
+Relative paths in a job file are resolved against the current working
+directory, as a shell command's arguments are; the run directory keeps the
+resolved spec (absolute paths) so a resume or a cluster submission sees the same.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+
+from serving.config import ServeSpec
+from training.methods import METHODS
+from training.tasks import TASKS
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+ColumnRef = Union[str, int]
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors, models are immutable after validation."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(Strict):
+    path: str = Field(description="Hub id (`bert-base-uncased`), local Hugging Face directory, or storage URI.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
+    trust_remote_code: bool = Field(
+        False, description="Run the model repository's own Python code. Off: only say yes for code you trust."
+    )
+
+
+class ColumnsSpec(Strict):
+    text: ColumnRef | list[ColumnRef] | None = Field(
+        "text", description="Text column name, or 0-based index for headerless files; a list is joined with `data.text_separator`."
+    )
+    text_pair: ColumnRef | None = Field(None, description="Second text of a sentence pair (MRPC); null for single texts.")
+    label: ColumnRef = Field("label", description="Label column: label names or integers.")
+
+    def refs(self) -> list[tuple[str, ColumnRef]]:
+        """(key, column) for every column the job names, in a stable order."""
+        text = self.text if isinstance(self.text, list) else [self.text]
+        out = [(f"text[{i}]" if isinstance(self.text, list) else "text", ref) for i, ref in enumerate(text) if ref is not None]
+        if self.text_pair is not None:
+            out.append(("text_pair", self.text_pair))
+        out.append(("label", self.label))
+        return out
+
+
+class LimitSpec(Strict):
+    train: int | None = Field(None, gt=0, description="Seeded random subset of the training rows (shuffle then select).")
+    validation: int | None = Field(None, gt=0, description="Seeded random subset of the validation rows.")
+
+
+class DataSpec(Strict):
+    train: str = Field(description="CSV/TSV (header or not), JSONL, parquet file, or a hub dataset id.")
+    validation: str | None = Field(
+        None, description="Validation file or hub split; null: a seeded split of `train` (`validation_fraction`)."
+    )
+    validation_fraction: float = Field(0.1, gt=0, lt=1, description="Share of train held out when no validation set is given.")
+    format: Literal["auto", "csv", "tsv", "jsonl", "parquet", "hub"] = Field(
+        "auto", description="File format; auto: from the file extension, else a hub dataset id."
+    )
+    header: bool | None = Field(
+        None, description="CSV/TSV has a header row; null: yes, unless every column is given by index."
+    )
+    hub_config: str | None = Field(None, description="Hub dataset configuration name (e.g. `mrpc` of `glue`).")
+    train_split: str = Field("train", description="Hub split used for training.")
+    validation_split: str | None = Field(None, description="Hub split used for validation, e.g. `validation`.")
+    columns: ColumnsSpec = Field(default_factory=ColumnsSpec, description="Which columns hold the inputs and label.")
+    text_separator: str = Field(" ", description="Joins several text columns into one text.")
+    label_names: list[str] | str | None = Field(
+        None,
+        description="Label names in id order, or a file with one name per line; null: the sorted distinct labels.",
+    )
+    label_base: int = Field(
+        0, ge=0, description="First integer label when labels are integers and names are given (AG News: 1)."
+    )
+    limit: LimitSpec = Field(default_factory=LimitSpec, description="Seeded subsets, as the tutorials' shuffle().select().")
+    max_length: int = Field(128, ge=8, le=65536, description="Tokens per example; longer inputs are truncated.")
+
+
+class MethodSpec(Strict):
+    name: str = Field("full", description="Which parameters train: " + ", ".join(METHODS.names()) + ".")
+    options: dict[str, Any] = Field(default_factory=dict, description="Method options (see the method's own fields).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gather_options(cls, data: Any) -> Any:
+        # Method options sit beside `name` in YAML (method: {name: lora, r: 8}); keep them
+        # apart here, the method's own options model checks them in JobSpec.
+        if isinstance(data, dict) and "options" not in data:
+            data = dict(data)
+            name = data.pop("name", "full")
+            return {"name": name, "options": data}
+        return data
+
+
+class TrainSpec(Strict):
+    epochs: int = Field(1, ge=1, description="Passes over the training data (unless max_steps stops sooner).")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps to stop after; null: run every epoch.")
+    batch_size: int = Field(16, gt=0, description="Examples per worker per forward pass.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Forward passes per optimizer step.")
+    learning_rate: float = Field(2.0e-5, gt=0, le=1, description="Peak AdamW learning rate.")
+    scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="Decay after warmup.")
+    warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Share of steps spent warming the learning rate up.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW decay; never applied to biases and norms.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null: no clipping.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 autocast on GPUs that support it, fp32 on CPU."
+    )
+    seed: int = Field(42, description="Seeds data order, subsets, splits and initialisation.")
+    group_by_length: bool = Field(True, description="Batch examples of similar length together: less padding, faster.")
+    eval_every_steps: int | None = Field(None, gt=0, description="Evaluate and checkpoint every N steps; null: every epoch.")
+    log_every_steps: int = Field(10, gt=0, description="Training-loss lines in metrics.jsonl every N steps.")
+    metric: str = Field("auto", description="Metric that picks the best checkpoint and stops early; auto: the task's.")
+    early_stopping_patience: int | None = Field(
+        None, gt=0, description="Stop after this many evaluations without improvement; null: never."
+    )
+    class_weights: Literal["none", "auto"] | list[float] = Field(
+        "none", description="Loss weights per class: auto from label counts (inverse frequency), or a list."
+    )
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Cross-entropy label smoothing.")
+
+
+class ScaleSpec(Strict):
+    workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel ranks).")
+    use_gpu: Literal["auto"] | bool = Field("auto", description="auto: one GPU per worker when the cluster has GPUs.")
+    cpus_per_worker: float | None = Field(
+        None, gt=0, description="CPUs each worker reserves (and torch threads); null: the node's CPUs / workers."
+    )
+    max_failures: int = Field(0, ge=-1, description="Worker failures to recover from the last checkpoint; -1: unlimited.")
+
+
+class OutputSpec(Strict):
+    storage: str = Field("./runs", description="Run directories go under here: a local path, shared volume, s3:// or gs://.")
+    keep_checkpoints: int = Field(2, ge=1, description="Best k checkpoints kept by the metric; the rest are deleted.")
+
+
+class JobSpec(Strict):
+    name: str = Field(description="Run directory name and default model name when served.", pattern=NAME_PATTERN)
+    task: str = Field(description="What the model predicts: " + ", ".join(TASKS.names()) + ".")
+    model: ModelSpec = Field(description="Pretrained model: a hub id or path, or {path, revision, trust_remote_code}.")
+    data: DataSpec
+    method: MethodSpec = Field(default_factory=MethodSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    scale: ScaleSpec = Field(default_factory=ScaleSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    serve: ServeSpec = Field(default_factory=ServeSpec)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_from_string(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
+
+    def method_options(self) -> BaseModel:
+        """The method's own options model (validated in `validate_job`)."""
+        return METHODS.get(self.method.name).options.model_validate(self.method.options)
+
+    def dump(self) -> dict[str, Any]:
+        """The spec as plain YAML-able data (method options inlined, as written)."""
+        data = self.model_dump(mode="json")
+        data["method"] = {"name": self.method.name, **self.method.options}
+        return data
+
+
+class Problem(BaseModel):
+    path: str
+    message: str
+    value: Any = None
+
+    def __str__(self) -> str:
+        shown = "" if self.value is None else f" (got {self.value!r})"
+        return f"{self.path}: {self.message}{shown}"
+
+
+class JobSpecError(ValueError):
+    """Every problem found in a job file, raised once."""
+
+    def __init__(self, problems: list[Problem], source: str = "job file") -> None:
+        self.problems = problems
+        self.source = source
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem{'s' if len(problems) != 1 else ''}\n{lines}")
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
+    """`train.learning_rate=3e-5` → (["train", "learning_rate"], 3e-5); values are YAML."""
+    parsed, problems = [], []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*", key):
+            problems.append(Problem(path="--set", message="expected key.path=value", value=item))
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key.split("."), value))
+    if problems:
+        raise JobSpecError(problems, "--set")
+    return parsed
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = _deep_copy(data)
+    for keys, value in parse_overrides(overrides):
+        node = data
+        for key in keys[:-1]:
+            if key == "model" and isinstance(node.get(key), str):
+                node[key] = {"path": node[key]}
+            child = node.get(key)
+            if not isinstance(child, dict):
+                child = node[key] = {}
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
+
+
+def read_job_data(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise JobSpecError([Problem(path="(file)", message=f"no job file at {path}; pass the path of a YAML job file")])
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        raise JobSpecError([Problem(path=f"(yaml {where})", message=f"not valid YAML: {getattr(err, 'problem', err)}")], str(path)) from None
+    if not isinstance(data, dict):
+        raise JobSpecError([Problem(path="(top level)", message="a job file is a YAML mapping of name, task, model, data, ...", value=type(data).__name__)], str(path))
+    return data
+
+
+def load_job(path: str | Path, overrides: list[str] = (), base_dir: Path | None = None) -> JobSpec:
+    """Read, override and validate a job file; raise JobSpecError with every problem."""
+    data = apply_overrides(read_job_data(path), list(overrides))
+    return validate_job(data, source=str(path), base_dir=base_dir)
+
+
+def validate_job(data: dict[str, Any], source: str = "job file", base_dir: Path | None = None) -> JobSpec:
+    base = base_dir or Path.cwd()
+    problems: list[Problem] = []
+    try:
+        spec = JobSpec.model_validate(data)
+    except ValidationError as err:
+        spec = None
+        problems.extend(_problems_from(err, data))
+    # Cross-field and path rules run on every section that validated, so one
+    # message holds every problem, not only the first layer of them.
+    partial = spec if spec is not None else _valid_sections(data)
+    problems.extend(_cross_field_problems(partial))
+    problems.extend(_path_problems(partial, base))
+    if problems:
+        raise JobSpecError(problems, source)
+    return _resolve_paths(spec, base)
+
+
+def _valid_sections(data: dict[str, Any]) -> SimpleNamespace:
+    """Each top-level section validated on its own; None where it is missing or invalid."""
+    sections: dict[str, Any] = {}
+    for key, field in JobSpec.model_fields.items():
+        if key not in data:
+            sections[key] = None if field.is_required() else field.get_default(call_default_factory=True)
+            continue
+        value = {"path": data[key]} if key == "model" and isinstance(data[key], str) else data[key]
+        try:
+            sections[key] = TypeAdapter(field.annotation).validate_python(value)
+        except ValidationError:
+            sections[key] = None
+    return SimpleNamespace(**sections)
+
+
+def _problems_from(err: ValidationError, data: dict[str, Any], prefix: tuple = ()) -> list[Problem]:
+    problems = []
+    for e in err.errors():
+        loc = tuple(str(p) for p in prefix + tuple(e["loc"]))
+        # Union branches repeat a location with a type tag ("str", "int"): keep the key path only.
+        loc = tuple(p for p in loc if not re.fullmatch(r"(str|int|float|bool|list\[.*\]|dict\[.*\]|literal\[.*\]|function-.*|.*\[.*\])", p) or p.isdigit())
+        path = _dotted(loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            message = "unknown key; check its spelling against `tunefleet docs`"
+        elif e["type"] == "missing":
+            message = "required key is missing"
+        else:
+            message = e["msg"][0].lower() + e["msg"][1:]
+        value = None if e["type"] in ("missing",) else e.get("input")
+        if isinstance(value, dict):
+            value = None
+        problem = Problem(path=path, message=message, value=value)
+        if all(str(p) != str(problem) for p in problems):
+            problems.append(problem)
+    return problems
+
+
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if part.isdigit() else (f".{part}" if out else part)
+    return out
+
+
+def _cross_field_problems(spec: Any) -> list[Problem]:
+    problems: list[Problem] = []
+    task_known = isinstance(spec.task, str) and spec.task in TASKS
+    if isinstance(spec.task, str) and not task_known:
+        problems.append(Problem(path="task", message=f"unknown task; known: {', '.join(TASKS.names())}", value=spec.task))
+    if spec.method is not None and spec.method.name not in METHODS:
+        problems.append(Problem(path="method.name", message=f"unknown method; known: {', '.join(METHODS.names())}", value=spec.method.name))
+    elif spec.method is not None:
+        method = METHODS.get(spec.method.name)
+        try:
+            method.options.model_validate(spec.method.options)
+        except ValidationError as err:
+            problems.extend(_problems_from(err, spec.method.options, prefix=("method",)))
+        if task_known and spec.task not in method.tasks:
+            fitting = [m for m in METHODS.names() if spec.task in METHODS.get(m).tasks]
+            problems.append(Problem(
+                path="method.name",
+                message=f"{spec.method.name} does not fit task {spec.task}; methods for {spec.task}: {', '.join(fitting)}",
+                value=spec.method.name,
+            ))
+    if task_known and spec.data is not None:
+        problems.extend(Problem(path=p, message=m, value=v) for p, m, v in TASKS.get(spec.task).check_spec(spec))
+    serve = spec.serve
+    if serve is not None and serve.max_replicas < serve.min_replicas:
+        problems.append(Problem(
+            path="serve.max_replicas", message=f"must be >= serve.min_replicas ({serve.min_replicas})", value=serve.max_replicas,
+        ))
+    if serve is not None and serve.max_ongoing_requests < serve.max_batch_size:
+        problems.append(Problem(
+            path="serve.max_ongoing_requests",
+            message=f"must be >= serve.max_batch_size ({serve.max_batch_size}), or batches never fill",
+            value=serve.max_ongoing_requests,
+        ))
+    train = spec.train
+    if train is not None and isinstance(train.class_weights, list) and any(w <= 0 for w in train.class_weights):
+        problems.append(Problem(path="train.class_weights", message="every weight must be > 0", value=train.class_weights))
+    return problems
+
+
+def looks_like_local_path(value: str) -> bool:
+    """A hub id is `name` or `org/name`; anything with a file suffix, a leading ./ or /, or that exists is a path."""
+    if "://" in value:
+        return False
+    return (
+        value.startswith((".", "/", "~"))
+        or bool(re.search(r"\.(csv|tsv|txt|jsonl|json|parquet|conll|gz|bz2)$", value))
+        or Path(value).exists()
+        or value.count("/") > 1
+    )
+
+
+def _local_paths(spec: Any) -> list[tuple[str, str]]:
+    """(key path, value) of every field that may name a local file that must exist."""
+    fields = []
+    if spec.model is not None:
+        fields.append(("model", spec.model.path))
+    if spec.data is not None:
+        fields += [("data.train", spec.data.train), ("data.validation", spec.data.validation)]
+        if isinstance(spec.data.label_names, str):
+            fields.append(("data.label_names", spec.data.label_names))
+    return [(k, v) for k, v in fields if v is not None and looks_like_local_path(v)]
+
+
+def _absolute(base: Path, value: str) -> str:
+    return str((base / Path(value).expanduser()).resolve())
+
+
+def _path_problems(spec: Any, base: Path) -> list[Problem]:
+    return [
+        Problem(path=key, message=f"no such file or directory: {_absolute(base, value)}", value=value)
+        for key, value in _local_paths(spec)
+        if not Path(_absolute(base, value)).exists()
+    ]
+
+
+def _resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
+    """The same spec with absolute local paths (the run directory keeps this one)."""
+    absolute = {key: _absolute(base, value) for key, value in _local_paths(spec)}
+    data = spec.data.model_copy(update={
+        "train": absolute.get("data.train", spec.data.train),
+        "validation": absolute.get("data.validation", spec.data.validation),
+        "label_names": absolute.get("data.label_names", spec.data.label_names),
+    })
+    model = spec.model.model_copy(update={"path": absolute.get("model", spec.model.path)})
+    storage = spec.output.storage
+    if "://" not in storage:
+        storage = _absolute(base, storage)
+    return spec.model_copy(update={"data": data, "model": model, "output": spec.output.model_copy(update={"storage": storage})})

@@ -1,0 +1,83 @@
+"""The run directory and export format: the contract between training and serving.
+
+Every file name inside a run directory or an export is a constant here, and
+`ExportInfo` is the schema of `tunefleet.json`. Serving imports this module and
+nothing else from training.
+
+    <storage>/<job name>/<run id>/
+      job.yaml  metrics.jsonl  checkpoints/  export/  report/
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+JOB_FILE = "job.yaml"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINTS_DIR = "checkpoints"
+EXPORT_DIR = "export"
+REPORT_DIR = "report"
+
+EXPORT_INFO_FILE = "tunefleet.json"
+REPORT_METRICS_FILE = "metrics.json"
+CONFUSION_MATRIX_PNG = "confusion_matrix.png"
+LOSS_CURVE_PNG = "loss_curve.png"
+
+# Inside one Ray Train checkpoint: a manifest written last (a checkpoint without it
+# is incomplete), and one shard directory per rank.
+CHECKPOINT_MANIFEST = "manifest.json"
+MODEL_WEIGHTS = "model.safetensors"
+OPTIMIZER_STATE = "optimizer.pt"
+TRAINER_STATE = "trainer_state.pt"
+
+EXPORT_FORMAT_VERSION = 1
+
+
+def shard_dir_name(rank: int) -> str:
+    return f"rank_{rank:05d}"
+
+
+class ExportInfo(BaseModel):
+    """`tunefleet.json` beside an exported Hugging Face model."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    format_version: int = EXPORT_FORMAT_VERSION
+    name: str = Field(description="Default model name when served (the job name).")
+    task: str
+    labels: list[str] = Field(default_factory=list)
+    base_model: str
+    method: str
+    trainable_parameters: int | None = None
+    total_parameters: int | None = None
+    max_length: int | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    source_run: str | None = None
+    checkpoint: str | None = None
+
+
+def read_export_info(export_dir: str | Path) -> ExportInfo:
+    path = Path(export_dir) / EXPORT_INFO_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{export_dir} is not a tunefleet export: no {EXPORT_INFO_FILE}; pass a run's export/ directory"
+        )
+    return ExportInfo.model_validate_json(path.read_text(encoding="utf-8"))
+
+
+def write_export_info(export_dir: str | Path, info: ExportInfo) -> None:
+    Path(export_dir, EXPORT_INFO_FILE).write_text(json.dumps(info.model_dump(mode="json"), indent=2) + "\n")
+
+
+def resolve_export_dir(path: str | Path) -> Path:
+    """An export directory, or a run directory holding one."""
+    path = Path(path)
+    if (path / EXPORT_INFO_FILE).is_file():
+        return path
+    if (path / EXPORT_DIR / EXPORT_INFO_FILE).is_file():
+        return path / EXPORT_DIR
+    raise FileNotFoundError(f"{path}: neither an export (no {EXPORT_INFO_FILE}) nor a run directory with {EXPORT_DIR}/")
