@@ -1,4 +1,4 @@
-"""Per-model serving settings: replicas, autoscaling, batching, resources.
+"""Per-model serving settings: replicas, autoscaling, batching, resources, limits.
 
 The job file's `serve:` section is this model, so a job and a serve file share
 one definition (cluster imports it; serving never imports cluster).
@@ -6,7 +6,7 @@ one definition (cluster imports it; serving never imports cluster).
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class ServeSpec(BaseModel):
@@ -18,7 +18,43 @@ class ServeSpec(BaseModel):
     max_ongoing_requests: int = Field(
         64, gt=0, description="In-flight requests a replica accepts; must exceed max_batch_size or batching starves."
     )
-    max_batch_size: int = Field(32, gt=0, description="Dynamic batching: most requests run together.")
+    max_batch_size: int = Field(32, gt=0, description="Dynamic batching: most sequences run together.")
     batch_wait_ms: float = Field(5, ge=0, description="Dynamic batching: longest wait for a batch to fill.")
     num_cpus: float = Field(1, gt=0, description="CPUs each replica reserves; torch uses as many threads.")
     num_gpus: float = Field(0, ge=0, description="GPUs each replica reserves.")
+    upscale_delay_s: float = Field(
+        10, ge=0, description="Load must stay above target this long before a replica is added (Serve's default 30 s reacts late)."
+    )
+    downscale_delay_s: float = Field(
+        300, ge=0, description="Load must stay below target this long before a replica is removed (avoids flapping)."
+    )
+    graceful_shutdown_timeout_s: float = Field(
+        30, ge=0, description="A stopping replica waits this long for in-flight requests before it is killed."
+    )
+    max_inputs_per_request: int = Field(
+        256, gt=0, description="More inputs in one request answer 413; bounds one request's share of a replica."
+    )
+    max_input_chars: int = Field(
+        100_000, gt=0, description="A longer text answers 413; tokens past max_length are truncated anyway."
+    )
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> ServeSpec:
+        problems = []
+        if self.min_replicas > self.max_replicas:
+            problems.append(
+                f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})"
+            )
+        if self.max_ongoing_requests <= self.max_batch_size:
+            problems.append(
+                f"max_ongoing_requests ({self.max_ongoing_requests}) must be > max_batch_size "
+                f"({self.max_batch_size}), or a replica never holds enough requests to fill a batch"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def torch_threads(self) -> int:
+        """Threads for torch inside one replica: its reserved CPUs, at least one."""
+        return max(1, int(self.num_cpus))

@@ -35,6 +35,8 @@ class TaskDefinition:
     greater_is_better: bool
     # spec -> [(key path, message, value)]: rules only this task knows (e.g. required columns).
     check_spec: Callable[[Any], list[tuple[str, str, Any]]]
+    # spec -> [(key path, message, value)]: cheap data checks (columns exist), for `tunefleet validate`.
+    check_data: Callable[[Any], list[tuple[str, str, Any]]]
     # spec -> PreparedData. Runs on the driver before any worker starts, so a missing
     # column or an unknown label costs no cluster time.
     prepare: Callable[[Any], PreparedData]

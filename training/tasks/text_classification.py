@@ -162,6 +162,7 @@ TASKS.register(NAME, TaskDefinition(
     default_metric="accuracy",
     greater_is_better=True,
     check_spec=_check_spec,
+    check_data=check_columns,
     prepare=_prepare,
     build_model=_build_model,
     build_processor=_build_processor,

@@ -1,0 +1,112 @@
+"""Ray Serve applications: one per model, plus a small root application.
+
+Built for speed on few cores (see ENVIRONMENT.md, "Ray Serve"): each model's
+ingress deployment is its FastAPI app *and* holds the model, so a request makes
+no hop between deployments; `@serve.batch` gathers inputs from concurrent
+requests into one forward pass; `max_ongoing_requests` exceeds the batch size so
+batches can fill.
+
+    /                      root app: /healthz, /v1/models, 404 JSON for unknown models
+    /v1/models/{name}      one app per model: GET / (its card), POST /predict
+"""
+
+import asyncio
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve import Application
+
+from serving.catalog import ServedModel
+from serving.config import ServeSpec
+from serving.errors import ServingError, install_error_handlers
+from serving.handlers import HANDLERS, load_handler
+from serving.schemas import ErrorBody, Health, ModelCard, ModelList
+
+ROOT_APP_NAME = "_root"  # model names start with a letter or digit, so never clash
+_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (400, 404, 413, 422)}
+
+
+def _autoscaling(spec: ServeSpec) -> dict[str, Any]:
+    return {
+        "min_replicas": spec.min_replicas,
+        "initial_replicas": max(spec.min_replicas, 1),
+        "max_replicas": spec.max_replicas,
+        "target_ongoing_requests": spec.target_ongoing_requests,
+        "upscale_delay_s": spec.upscale_delay_s,
+        "downscale_delay_s": spec.downscale_delay_s,
+    }
+
+
+def build_model_app(model: ServedModel, spec: ServeSpec, env_vars: dict[str, str] | None = None) -> Application:
+    """The model's application: FastAPI ingress, model and dynamic batching in one deployment."""
+    handler_cls = HANDLERS.get(model.info.task)
+    request_model = handler_cls.request_model
+    api = install_error_handlers(
+        FastAPI(title=f"tunefleet model {model.name}", description=f"{model.info.task} · {model.info.base_model}")
+    )
+
+    @serve.ingress(api)
+    class ModelServer:
+        def __init__(self, model: ServedModel, spec: ServeSpec) -> None:
+            self.name = model.name
+            self.card_json = model.card().model_dump()
+            self.handler = load_handler(model.export_dir, spec)
+
+        @serve.batch(max_batch_size=spec.max_batch_size, batch_wait_timeout_s=spec.batch_wait_ms / 1000)
+        async def run_batch(self, items: list[Any]) -> list[Any]:
+            # Off the event loop: it keeps reading requests (the next batch) while torch computes.
+            return await asyncio.to_thread(self.handler.run_batch, items)
+
+        @api.get("/", response_model=ModelCard)
+        async def card(self) -> dict[str, Any]:
+            return self.card_json
+
+        @api.post("/predict", response_model=handler_cls.response_model, responses=_ERRORS)
+        async def predict(self, body: request_model) -> JSONResponse:  # type: ignore[valid-type]
+            items = self.handler.prepare(body)
+            outputs = await asyncio.gather(*(self.run_batch(item) for item in items))
+            predictions = [self.handler.format(output, body) for output in outputs]
+            return JSONResponse({"model": self.name, "predictions": predictions})
+
+    runtime_env = {"env_vars": env_vars} if env_vars else {}
+    deployment = serve.deployment(
+        name=handler_cls.__name__,
+        max_ongoing_requests=spec.max_ongoing_requests,
+        autoscaling_config=_autoscaling(spec),
+        graceful_shutdown_timeout_s=spec.graceful_shutdown_timeout_s,
+        ray_actor_options={"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus, "runtime_env": runtime_env},
+    )(ModelServer)
+    return deployment.bind(model, spec)
+
+
+def build_root_app(models: list[ServedModel], env_vars: dict[str, str] | None = None) -> Application:
+    """`/healthz`, `/v1/models` (the models given here) and a 404 JSON for any other model."""
+    api = install_error_handlers(FastAPI(title="tunefleet", description="Models served by this tunefleet server."))
+    cards = ModelList(models=[m.card() for m in models]).model_dump()
+    names = sorted(m.name for m in models)
+
+    @serve.ingress(api)
+    class Root:
+        @api.get("/healthz", response_model=Health)
+        async def healthz(self) -> dict[str, str]:
+            return {"status": "ok"}
+
+        @api.get("/v1/models", response_model=ModelList)
+        async def list_models(self) -> dict[str, Any]:
+            return cards
+
+        @api.api_route("/v1/models/{name}", methods=["GET", "POST"], responses={404: {"model": ErrorBody}})
+        @api.api_route("/v1/models/{name}/{rest:path}", methods=["GET", "POST"], include_in_schema=False)
+        async def unknown_model(self, name: str) -> None:
+            raise ServingError(404, f"unknown model {name!r}; served models: {', '.join(names)}", {"models": names})
+
+    runtime_env = {"env_vars": env_vars} if env_vars else {}
+    deployment = serve.deployment(
+        name="Root",
+        num_replicas=1,
+        max_ongoing_requests=256,  # answers from memory; never the bottleneck
+        ray_actor_options={"num_cpus": 0, "runtime_env": runtime_env},
+    )(Root)
+    return deployment.bind()

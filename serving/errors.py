@@ -1,0 +1,106 @@
+"""Errors a client sees: always a 4xx JSON `{"error": ..., "detail": ...}` for bad input.
+
+`ServingError` is raised by handlers (limits, unknown model); `install_error_handlers`
+makes a FastAPI app answer its own and FastAPI's errors in that one shape:
+malformed JSON 400, schema violations 422, unknown routes 404.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger(__name__)
+
+# Segments pydantic adds to an error location for union members and validators;
+# they name types, not fields, so a client's message leaves them out.
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "bytes"}
+
+
+class ServingError(Exception):
+    """A request the server understood but will not serve: status, message, specifics."""
+
+    def __init__(self, status: int, error: str, detail: Any = None) -> None:
+        super().__init__(error)
+        self.status = status
+        self.error = error
+        self.detail = detail
+
+
+def error_response(status: int, error: str, detail: Any = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": error, "detail": detail})
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    path = ""
+    for part in loc:
+        if part == "body" and not path:
+            continue
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif "[" in part or part in _TYPE_TAGS or part[:1].isupper():
+            continue
+        else:
+            path += f".{part}" if path else part
+    return path or "body"
+
+
+def _message(err: dict[str, Any]) -> str:
+    msg = str(err.get("msg", "invalid"))
+    return msg.removeprefix("Value error, ")
+
+
+def describe_validation_errors(errors: list[dict[str, Any]]) -> tuple[str, list[dict[str, str]]]:
+    """One readable line (`inputs: Field required`) and a JSON-safe list of the problems."""
+    by_path: dict[str, list[str]] = {}
+    for err in errors:
+        msgs = by_path.setdefault(_field_path(tuple(err.get("loc", ()))), [])
+        if _message(err) not in msgs:
+            msgs.append(_message(err))
+    if by_path.get("body") == ["Field required"]:
+        by_path["body"] = ['a JSON body is required, e.g. {"inputs": "a text"}']
+    line = "; ".join(f"{path}: {' or '.join(msgs)}" for path, msgs in by_path.items())
+    detail = [{"field": _field_path(tuple(e.get("loc", ()))), "message": _message(e), "type": str(e.get("type"))}
+              for e in errors]
+    return line, detail
+
+
+async def _on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = list(exc.errors())
+    if any(e.get("type") == "json_invalid" for e in errors):
+        ctx = next(e for e in errors if e.get("type") == "json_invalid").get("ctx") or {}
+        return error_response(400, "malformed JSON body", str(ctx.get("error", "")) or None)
+    line, detail = describe_validation_errors(errors)
+    return error_response(422, f"invalid request: {line}", detail)
+
+
+async def _on_serving_error(_: Request, exc: ServingError) -> JSONResponse:
+    return error_response(exc.status, exc.error, exc.detail)
+
+
+async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 404:
+        error = f"no route {request.method} {request.url.path}"
+    elif exc.status_code == 405:
+        error = f"method {request.method} not allowed on {request.url.path}"
+    else:
+        error = str(exc.detail)
+    return error_response(exc.status_code, error, None)
+
+
+async def _on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unexpected error while serving a request", exc_info=exc)
+    return error_response(500, "internal error", type(exc).__name__)
+
+
+def install_error_handlers(app: FastAPI) -> FastAPI:
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(ServingError, _on_serving_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(Exception, _on_unexpected)
+    return app

@@ -1,0 +1,12 @@
+"""Task handlers: one module per task, each registered once in `HANDLERS` by task name.
+
+Adding a task to serving = one module here + its import line below.
+"""
+
+from serving.handlers.base import TaskHandler, load_handler, parse_request
+from serving.handlers.registry import HANDLERS, UnknownTaskError, register_handler
+
+# Each import registers its task's handler.
+from serving.handlers import text_classification  # noqa: E402,F401  (text-classification)
+
+__all__ = ["HANDLERS", "TaskHandler", "UnknownTaskError", "load_handler", "parse_request", "register_handler"]

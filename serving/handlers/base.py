@@ -1,0 +1,76 @@
+"""What every task handler does, in the order a request meets it.
+
+    request = parse_request(handler, payload)   # schema: 422 on a bad shape
+    items = handler.prepare(request)            # limits: 413 on too much
+    outputs = handler.run_batch(items)          # the model, one batch of items
+    [handler.format(o, request) for o in outputs]
+
+The Serve deployment and `predict_local` both run exactly these steps; only the
+batching between `prepare` and `run_batch` differs (Serve gathers items from many
+requests into one batch, `predict` runs one request's items).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ValidationError
+
+from serving.config import ServeSpec
+from serving.errors import ServingError, describe_validation_errors
+from serving.handlers.registry import HANDLERS
+from training.layout import ExportInfo, read_export_info, resolve_export_dir
+
+
+class TaskHandler(ABC):
+    task: ClassVar[str]  # set by register_handler
+    request_model: ClassVar[type[BaseModel]]
+    response_model: ClassVar[type[BaseModel]]
+
+    def __init__(self, info: ExportInfo, spec: ServeSpec) -> None:
+        self.info = info
+        self.spec = spec
+
+    @classmethod
+    @abstractmethod
+    def load(cls, export_dir: Path, info: ExportInfo, spec: ServeSpec) -> TaskHandler:
+        """Read the model from the export directory, ready for `run_batch`."""
+
+    @abstractmethod
+    def prepare(self, request: Any) -> list[Any]:
+        """A validated request → the items to batch (one per input); ServingError past a limit."""
+
+    @abstractmethod
+    def run_batch(self, items: list[Any]) -> list[Any]:
+        """Items (possibly from many requests) → one raw output per item."""
+
+    @abstractmethod
+    def format(self, output: Any, request: Any) -> Any:
+        """One raw output → the JSON-ready prediction for its request's parameters."""
+
+    def predict(self, request: Any) -> list[Any]:
+        """One request, in-process, in batches of `max_batch_size` items."""
+        items = self.prepare(request)
+        size = self.spec.max_batch_size
+        outputs: list[Any] = []
+        for start in range(0, len(items), size):
+            outputs.extend(self.run_batch(items[start : start + size]))
+        return [self.format(output, request) for output in outputs]
+
+
+def parse_request(handler: TaskHandler | type[TaskHandler], payload: Any) -> Any:
+    """A JSON-like payload → the handler's request model, or a 422 ServingError saying what is wrong."""
+    try:
+        return handler.request_model.model_validate(payload)
+    except ValidationError as exc:
+        line, detail = describe_validation_errors([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()])
+        raise ServingError(422, f"invalid request: {line}", detail) from None
+
+
+def load_handler(export_dir: str | Path, spec: ServeSpec | None = None) -> TaskHandler:
+    """The handler registered for the export's task, with its model loaded."""
+    path = resolve_export_dir(export_dir)
+    info = read_export_info(path)
+    return HANDLERS.get(info.task).load(path, info, spec or ServeSpec())

@@ -1,0 +1,96 @@
+"""Text classification (single texts or text pairs): softmax over the export's labels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from serving.config import ServeSpec
+from serving.errors import ServingError
+from serving.handlers.base import TaskHandler
+from serving.handlers.registry import register_handler
+from serving.schemas import TextClassificationRequest, TextClassificationResponse, TextPair
+from training.layout import ExportInfo
+
+# One item: (text, text_pair or None). One output: every (label, score), best first.
+Item = tuple[str, "str | None"]
+Scored = list[tuple[str, float]]
+
+
+def _max_length(info: ExportInfo, tokenizer, model) -> int:
+    """The export's max_length, else the tokenizer's, capped at the model's positions."""
+    limits = [info.max_length, getattr(model.config, "max_position_embeddings", None)]
+    if (tokenizer.model_max_length or 0) < 1_000_000:  # transformers' "no limit" is a huge int
+        limits.append(tokenizer.model_max_length)
+    return min(n for n in limits if n) if any(limits) else 512
+
+
+@register_handler("text-classification")
+class TextClassificationHandler(TaskHandler):
+    request_model = TextClassificationRequest
+    response_model = TextClassificationResponse
+
+    def __init__(self, info: ExportInfo, spec: ServeSpec, model, tokenizer, device: torch.device) -> None:
+        super().__init__(info, spec)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.max_length = _max_length(info, tokenizer, model)
+        id2label = model.config.id2label
+        num_labels = model.config.num_labels
+        self.labels = (
+            list(info.labels) if len(info.labels) == num_labels else [str(id2label[i]) for i in range(num_labels)]
+        )
+        self.multi_label = model.config.problem_type == "multi_label_classification"
+
+    @classmethod
+    def load(cls, export_dir: Path, info: ExportInfo, spec: ServeSpec) -> TextClassificationHandler:
+        torch.set_num_threads(spec.torch_threads)
+        device = torch.device("cuda" if spec.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+        tokenizer = AutoTokenizer.from_pretrained(export_dir, local_files_only=True)
+        model = AutoModelForSequenceClassification.from_pretrained(export_dir, local_files_only=True)
+        return cls(info, spec, model.to(device).eval(), tokenizer, device)
+
+    def prepare(self, request: TextClassificationRequest) -> list[Item]:
+        inputs = request.input_list()
+        limit = self.spec.max_inputs_per_request
+        if len(inputs) > limit:
+            raise ServingError(
+                413, f"too many inputs: {len(inputs)} in one request, at most {limit}", {"max_inputs_per_request": limit}
+            )
+        items = [(x.text, x.text_pair) if isinstance(x, TextPair) else (x, None) for x in inputs]
+        longest = self.spec.max_input_chars
+        for i, (text, pair) in enumerate(items):
+            size = len(text) + len(pair or "")
+            if size > longest:
+                raise ServingError(
+                    413, f"input {i} is too long: {size} characters, at most {longest}", {"max_input_chars": longest}
+                )
+        return items
+
+    @torch.inference_mode()
+    def run_batch(self, items: list[Item]) -> list[Scored]:
+        outputs: list[Scored | None] = [None] * len(items)
+        # A tokenizer call takes texts alone or all with pairs: one forward per kind present.
+        for with_pair in (False, True):
+            index = [i for i, (_, pair) in enumerate(items) if (pair is not None) == with_pair]
+            if not index:
+                continue
+            texts = [items[i][0] for i in index]
+            pairs = [items[i][1] for i in index] if with_pair else None
+            encoded = self.tokenizer(
+                texts, pairs, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            ).to(self.device)
+            logits = self.model(**encoded).logits.float()
+            probs = logits.sigmoid() if self.multi_label else logits.softmax(dim=-1)
+            scores, order = probs.sort(dim=-1, descending=True)
+            for row, i in enumerate(index):
+                outputs[i] = [(self.labels[j], s) for j, s in zip(order[row].tolist(), scores[row].tolist())]
+        return outputs  # type: ignore[return-value]
+
+    def format(self, output: Scored, request: TextClassificationRequest) -> list[dict[str, float | str]]:
+        top_k = request.parameters.top_k
+        kept = output if top_k is None else output[:top_k]
+        return [{"label": label, "score": score} for label, score in kept]

@@ -1,0 +1,126 @@
+"""The HTTP API's request and response bodies (Hugging Face inference convention).
+
+    POST /v1/models/{name}/predict  {"inputs": ..., "parameters": {...}}
+    GET  /v1/models                 {"models": [ModelCard, ...]}
+    GET  /healthz                   {"status": "ok"}
+
+Every error is `ErrorBody`: what was wrong in `error`, specifics in `detail`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Union
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, StrictInt, StrictStr, Tag, field_validator
+
+
+def _non_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must be a non-empty text")
+    return value
+
+
+Text = Annotated[StrictStr, AfterValidator(_non_blank)]
+
+
+class TextPair(BaseModel):
+    """One input of a sentence-pair task (NLI, paraphrase): `text` and `text_pair`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    text: Text
+    text_pair: Text
+
+
+def _kind(value: Any) -> str | None:
+    """Which union member a JSON value is meant as, so an error names that member's problem only."""
+    if isinstance(value, str):
+        return "Text"
+    if isinstance(value, list):
+        return "List"
+    if isinstance(value, (dict, TextPair)):
+        return "TextPair"
+    return None
+
+
+# Tags start upper-case: serving.errors leaves them out of a field path (`inputs[0].text_pair`).
+TextInput = Annotated[
+    Union[Annotated[Text, Tag("Text")], Annotated[TextPair, Tag("TextPair")]],
+    Discriminator(
+        _kind,
+        custom_error_type="input_type",
+        custom_error_message='each input must be a text or an object {"text": ..., "text_pair": ...}',
+    ),
+]
+TextInputs = Annotated[
+    Union[Annotated[Text, Tag("Text")], Annotated[list[TextInput], Tag("List")]],
+    Discriminator(
+        _kind,
+        custom_error_type="inputs_type",
+        custom_error_message="inputs must be a text, a list of texts or a list of text pairs",
+    ),
+]
+
+
+class ClassificationParameters(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    top_k: StrictInt | None = Field(
+        1, ge=1, description="Labels returned per input, best first; null (or more than there are) returns all."
+    )
+
+
+class TextClassificationRequest(BaseModel):
+    """A text, a list of texts, or a list of text pairs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    inputs: TextInputs = Field(
+        description='"a text", ["t1", "t2"] or [{"text": "...", "text_pair": "..."}]'
+    )
+    parameters: ClassificationParameters = Field(default_factory=ClassificationParameters)
+
+    @field_validator("inputs")
+    @classmethod
+    def _check_inputs(cls, value: str | list[str | TextPair]) -> str | list[str | TextPair]:
+        if isinstance(value, list) and not value:
+            raise ValueError("must hold at least one input")
+        return value
+
+    def input_list(self) -> list[str | TextPair]:
+        return [self.inputs] if isinstance(self.inputs, str) else list(self.inputs)
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float
+
+
+class PredictResponse(BaseModel):
+    model: str
+    predictions: list[Any] = Field(description="One entry per input, in input order.")
+
+
+class TextClassificationResponse(PredictResponse):
+    predictions: list[list[LabelScore]] = Field(description="Per input, labels sorted by score, best first.")
+
+
+class ModelCard(BaseModel):
+    name: str
+    task: str
+    labels: list[str]
+    base_model: str
+    version: str = Field(description="Digest of the export's tunefleet.json: changes with every export.")
+
+
+class ModelList(BaseModel):
+    models: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: str = "ok"
+
+
+class ErrorBody(BaseModel):
+    error: str
+    detail: Any = None

@@ -1,0 +1,136 @@
+"""Start, wait on and stop a tunefleet server: every export as a Serve application on one port.
+
+The caller owns Ray (`ray.init(...)` in the CLI, or a test's local cluster):
+
+    server = serve_exports(["runs/sst2/export"], block=False)   # returns once every model answers
+    ...                                                         # http://127.0.0.1:8000/v1/models
+    server.shutdown()                                           # drains in-flight requests first
+
+With `block=True` (the CLI) it prints the URL and waits for SIGINT/SIGTERM, then
+shuts down the same graceful way.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from ray import serve
+
+from serving.app import ROOT_APP_NAME, build_model_app, build_root_app
+from serving.catalog import ServedModel, resolve_models
+from serving.config import ServeSpec
+
+logger = logging.getLogger(__name__)
+
+# Read by Serve's controller, proxy and replicas when they start, so they travel as
+# runtime_env env_vars. Measured in benchmarks/serve_text_classification.py.
+SERVE_ENV_VARS: dict[str, str] = {}
+
+
+@dataclass
+class RunningServer:
+    """Handle on a started server: where it listens, what it serves, how to stop it."""
+
+    url: str
+    models: list[ServedModel]
+    _stopped: bool = field(default=False, repr=False)
+
+    def shutdown(self) -> None:
+        if not self._stopped:
+            shutdown()
+            self._stopped = True
+
+
+def _wait_until_answering(url: str, models: list[ServedModel], timeout_s: float) -> None:
+    """Every route answers 200 through the HTTP port (the proxy learns routes after apps run)."""
+    paths = ["/healthz", *(f"{m.route_prefix}/" for m in models)]
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(base_url=url, timeout=5) as client:
+        for path in paths:
+            while True:
+                try:
+                    if client.get(path).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{url}{path} did not answer within {timeout_s:.0f} s")
+                time.sleep(0.2)
+
+
+def start_server(
+    export_dirs: list[str | Path],
+    names: list[str] | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    settings: ServeSpec | None = None,
+    ready_timeout_s: float = 300,
+) -> RunningServer:
+    """Deploy every export and return once each answers over HTTP (Ray must be initialized)."""
+    models = resolve_models(export_dirs, names)  # every problem before any Ray time
+    spec = settings or ServeSpec()
+    env = dict(SERVE_ENV_VARS)
+    serve.start(
+        http_options={"host": host, "port": port},
+        controller_options={"runtime_env": {"env_vars": env}} if env else None,
+    )
+    targets = [serve.RunTarget(build_root_app(models, env), name=ROOT_APP_NAME, route_prefix="/")]
+    targets += [
+        serve.RunTarget(build_model_app(m, spec, env), name=m.name, route_prefix=m.route_prefix) for m in models
+    ]
+    serve.run_many(targets)
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}"
+    _wait_until_answering(url, models, ready_timeout_s)
+    return RunningServer(url=url, models=models)
+
+
+def shutdown() -> None:
+    """Stop serving gracefully: model apps first (replicas finish in-flight requests), then Serve."""
+    try:
+        apps = list(serve.status().applications)
+    except Exception:  # Serve was never started or is already gone
+        return
+    for name in apps:
+        if name != ROOT_APP_NAME:
+            serve.delete(name, _blocking=False)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and set(serve.status().applications) - {ROOT_APP_NAME}:
+        time.sleep(0.2)
+    serve.shutdown()
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop.wait(1):
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def serve_exports(
+    export_dirs: list[str | Path],
+    names: list[str] | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    settings: ServeSpec | None = None,
+    block: bool = True,
+) -> RunningServer:
+    """Serve exports at http://host:port until SIGINT/SIGTERM (block=True), or return the running server."""
+    server = start_server(export_dirs, names, host=host, port=port, settings=settings)
+    print(f"tunefleet serving {', '.join(m.name for m in server.models)} at {server.url}", flush=True)
+    for model in server.models:
+        print(f"  POST {server.url}{model.route_prefix}/predict  ({model.info.task})", flush=True)
+    if block:
+        _wait_for_signal()
+        print("tunefleet: draining in-flight requests, then stopping", flush=True)
+        server.shutdown()
+    return server

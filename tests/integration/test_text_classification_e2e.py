@@ -1,0 +1,101 @@
+"""Job file → 2 Ray Train workers → shard per rank → killed → resumed at the saved step → export → pipeline → HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.integration
+
+TOTAL_STEPS = 240
+
+
+def _job(tmp_path: Path, model: Path, train: Path, dev: Path) -> Path:
+    job = {
+        "name": "tiny-sentiment",
+        "task": "text-classification",
+        "model": str(model),
+        "data": {"train": str(train), "validation": str(dev), "columns": {"text": "sentence", "label": "label"},
+                 "max_length": 32},
+        "train": {"max_steps": TOTAL_STEPS, "batch_size": 8, "learning_rate": 3.0e-3, "warmup_ratio": 0.0,
+                  "eval_every_steps": 20, "log_every_steps": 5, "seed": 7},
+        "scale": {"workers": 2, "cpus_per_worker": 1},
+        "output": {"storage": str(tmp_path / "runs"), "keep_checkpoints": 2},
+        "serve": {"min_replicas": 1, "max_replicas": 1, "max_batch_size": 8},
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def _train(job: Path, run_id: str) -> subprocess.Popen:
+    env = {**os.environ, "TUNEFLEET_NO_PROGRESS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "cluster.cli", "train", str(job), "--run-id", run_id],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+
+
+def _complete_steps(checkpoints: Path) -> dict[int, Path]:
+    found = {}
+    for manifest in checkpoints.glob("checkpoint_*/manifest.json"):
+        data = json.loads(manifest.read_text())
+        if all((manifest.parent / shard / "trainer_state.pt").is_file() for shard in data["shards"]):
+            found[data["step"]] = manifest.parent
+    return found
+
+
+def test_train_kill_resume_export_serve(tmp_path, tiny_text_model, sentiment_tsv):
+    job = _job(tmp_path, tiny_text_model, *sentiment_tsv)
+    run_dir = tmp_path / "runs" / "tiny-sentiment" / "r1"
+    checkpoints = run_dir / "checkpoints"
+
+    # First attempt: killed (driver and the Ray it started, by process group) once a checkpoint exists.
+    first = _train(job, "r1")
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and first.poll() is None and not _complete_steps(checkpoints):
+        time.sleep(0.2)
+    assert first.poll() is None, "the first run ended before it could be interrupted:\n" + first.stdout.read()
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(timeout=30)
+    saved = _complete_steps(checkpoints)
+    assert saved, "no complete checkpoint before the kill"
+    for directory in saved.values():  # one shard per rank
+        assert sorted(p.name for p in directory.glob("rank_*")) == ["rank_00000", "rank_00001"]
+    assert max(saved) < TOTAL_STEPS
+
+    # Same run id: resumes at a saved step, not from scratch.
+    second = _train(job, "r1")
+    output, _ = second.communicate(timeout=400)
+    assert second.returncode == 0, output
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    starts = [r for r in records if r["event"] == "start"]
+    assert len(starts) == 2 and starts[0]["step"] == 0
+    resumed_at = starts[1]["step"]
+    assert resumed_at in saved and resumed_at > 0
+    train_steps = [r["step"] for r in records if r["event"] == "train"]
+    assert train_steps == sorted(train_steps) and len(train_steps) == len(set(train_steps)), "the loss curve must join"
+    assert records[-1] == {**records[-1], "event": "end", "step": TOTAL_STEPS}
+    evals = [r for r in records if r["event"] == "eval"]
+    assert evals[-1]["accuracy"] >= 0.9 > evals[0]["accuracy"] - 0.5  # the metric moved to a learned model
+    assert len([p for p in checkpoints.glob("checkpoint_*") if p.is_dir()]) <= 3  # best 2 + the latest (Ray keeps it to resume)
+
+    # Export loads in the standard pipeline and answers the right label.
+    export = run_dir / "export"
+    info = json.loads((export / "tunefleet.json").read_text())
+    assert info["labels"] == ["negative", "positive"] and info["task"] == "text-classification"
+    assert not list(export.glob("*.bin")) and (export / "model.safetensors").is_file()
+    from transformers import pipeline
+
+    classify = pipeline("text-classification", model=str(export))
+    assert classify("the movie was wonderful")[0]["label"] == "positive"
+    assert classify("the movie was terrible")[0]["label"] == "negative"
+    report = run_dir / "report"
+    assert (report / "confusion_matrix.png").stat().st_size > 1000 and (report / "loss_curve.png").stat().st_size > 1000
