@@ -104,13 +104,11 @@ def _export(args) -> int:
     from training.export import export_checkpoint
     from training.layout import CHECKPOINTS_DIR, EXPORT_DIR, JOB_FILE
     from training.run import best_checkpoint
-    from training.tasks import TASKS
+    from training.tasks import selection_metric
 
     run_dir = Path(args.run_dir)
     spec = load_job(run_dir / JOB_FILE)
-    task = TASKS.get(spec.task)
-    metric = spec.train.metric if spec.train.metric != "auto" else task.default_metric
-    best = best_checkpoint(run_dir / CHECKPOINTS_DIR, metric, task.greater_is_better if spec.train.metric == "auto" else metric != "eval_loss")
+    best = best_checkpoint(run_dir / CHECKPOINTS_DIR, *selection_metric(spec))
     print(export_checkpoint(best, spec, run_dir / EXPORT_DIR, source_run=str(run_dir)))
     return 0
 

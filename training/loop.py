@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray.train
 import ray.train.torch
 import torch
@@ -24,9 +23,9 @@ from transformers import get_scheduler
 from training.batching import batches_per_epoch, epoch_batches, evaluation_batches
 from training.checkpoint import TrainState, load_shard, save_shard
 from training.layout import METRICS_FILE
-from training.losses import build_loss, class_weights_for
+from training.losses import class_weights_for, count_targets
 from training.methods import METHODS, count_parameters
-from training.tasks import TASKS
+from training.tasks import TASKS, selection_metric
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -49,7 +48,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         print(f"WARNING: method {spec.method.name} leaves no trainable parameters; the model will not change")
     model = ray.train.torch.prepare_model(model) if world > 1 else model.to(device)
     bare = model.module if hasattr(model, "module") else model
-    collate = task.build_collator(task.build_processor(spec))
+    processor = task.build_processor(spec)
+    collate, collate_eval = task.build_collator(processor, True), task.build_collator(processor, False)
     train_rows, validation_rows = _rows(prepared.train), _rows(prepared.validation)
     train_lengths = prepared.train.column(task.length_column).to_pylist()
     validation_lengths = prepared.validation.column(task.length_column).to_pylist()
@@ -63,11 +63,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=int(t.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
     weights = class_weights_for(t.class_weights, prepared.label_counts)
-    loss_fn = build_loss(weights, t.label_smoothing, device)
+    loss_fn = task.build_loss(weights, t.label_smoothing, device)
     amp_dtype = _autocast_dtype(t.precision, device)
     scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
-    metric_name = spec.train.metric if spec.train.metric != "auto" else task.default_metric
-    higher_is_better = task.greater_is_better if spec.train.metric == "auto" else metric_name != "eval_loss"
+    metric_name, higher_is_better = selection_metric(spec)
 
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
@@ -82,7 +81,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     def evaluate_and_checkpoint() -> bool:
         """Evaluate on every rank's share, checkpoint, and say whether to stop early."""
-        metrics = _evaluate(model, validation_rows, validation_lengths, collate, loss_fn, task, prepared.labels,
+        metrics = _evaluate(model, validation_rows, validation_lengths, collate_eval, loss_fn, task, prepared.labels,
                             t.batch_size * 2, world, rank, device, amp_dtype)
         value = metrics[metric_name]
         improved = state.best_metric is None or (value > state.best_metric if higher_is_better else value < state.best_metric)
@@ -115,8 +114,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             boundary = (index + 1) % accumulation == 0 or index + 1 == len(plan)
             sync = _no_sync(model) if not boundary else _nullcontext()
             with sync, torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                logits = model(**batch).logits
-                loss = loss_fn(logits, labels)
+                loss = loss_fn(_logits(model(**batch)), labels)
             scaler.scale(loss / accumulation).backward()
             window_loss += loss.item() * len(labels)
             window_samples += len(labels)
@@ -207,30 +205,36 @@ def _mean_across_ranks(loss_sum: float, count: int, world: int) -> tuple[float, 
     return loss_sum / max(count, 1), count
 
 
+def _logits(outputs) -> torch.Tensor:
+    """Hugging Face models return an output object; plain torch modules (torchvision) a tensor."""
+    return outputs.logits if hasattr(outputs, "logits") else outputs
+
+
 @torch.inference_mode()
 def _evaluate(model, rows, lengths, collate, loss_fn, task, labels, batch_size, world, rank, device, amp_dtype):
+    """Every rank evaluates its share; all ranks then hold the same metrics (so they stop together)."""
     model.eval()
-    predictions, references, loss_sum = [], [], 0.0
+    predictions, references, loss_sum, targets = [], [], 0.0, 0
     for indices in evaluation_batches(lengths, batch_size, world, rank):
         batch = _to_device(collate([rows[i] for i in indices]), device)
         gold = batch.pop("labels")
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(**batch).logits.float()
-        loss_sum += loss_fn(logits, gold).item() * len(gold)
-        predictions.append(logits.argmax(-1).cpu().numpy())
-        references.append(gold.cpu().numpy())
-    local = (np.concatenate(predictions) if predictions else np.array([], dtype=int),
-             np.concatenate(references) if references else np.array([], dtype=int), loss_sum)
-    gathered = [None] * world
+            logits = _logits(model(**batch)).float()
+        count = count_targets(gold)
+        loss_sum += loss_fn(logits, gold).item() * count
+        targets += count
+        batch_predictions, batch_references = task.eval_outputs(logits.cpu(), gold.cpu())
+        predictions += batch_predictions
+        references += batch_references
+    gathered = [(predictions, references, loss_sum, targets)]
     if world > 1:
-        dist.all_gather_object(gathered, local)
-    else:
-        gathered = [local]
+        gathered = [None] * world
+        dist.all_gather_object(gathered, (predictions, references, loss_sum, targets))
     model.train()
-    all_predictions = np.concatenate([g[0] for g in gathered])
-    all_references = np.concatenate([g[1] for g in gathered])
+    all_predictions = [p for g in gathered for p in g[0]]
+    all_references = [r for g in gathered for r in g[1]]
     metrics = task.compute_metrics(all_predictions, all_references, labels)
-    metrics["eval_loss"] = sum(g[2] for g in gathered) / max(len(all_references), 1)
+    metrics["eval_loss"] = sum(g[2] for g in gathered) / max(sum(g[3] for g in gathered), 1)
     return metrics
 
 

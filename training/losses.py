@@ -23,3 +23,13 @@ def build_loss(weights: list[float] | None, label_smoothing: float, device: torc
         return criterion(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
 
     return loss
+
+
+def sequence_argmax(logits: torch.Tensor, labels: torch.Tensor) -> tuple[list, list]:
+    """One predicted class id per example (sequence or image classification)."""
+    return logits.argmax(-1).tolist(), labels.tolist()
+
+
+def count_targets(labels: torch.Tensor) -> int:
+    """How many targets a batch's mean loss averaged over (labels of -100 are ignored)."""
+    return int((labels != -100).sum().item())

@@ -22,7 +22,7 @@ from training.export import export_checkpoint
 from training.layout import CHECKPOINTS_DIR, EXPORT_DIR, JOB_FILE, REPORT_DIR
 from training.loop import train_loop_per_worker
 from training.report import write_report
-from training.tasks import TASKS
+from training.tasks import TASKS, selection_metric
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,7 @@ def run_training(spec: Any, run_id: str) -> RunResult:
 
     use_gpu = _use_gpu(spec.scale.use_gpu, spec.scale.workers)
     cpus = spec.scale.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // spec.scale.workers)
-    metric = spec.train.metric if spec.train.metric != "auto" else task.default_metric
-    higher_is_better = task.greater_is_better if spec.train.metric == "auto" else metric != "eval_loss"
+    metric, higher_is_better = selection_metric(spec)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec, "data": prepared, "run_dir": str(run_dir), "cpus_per_worker": cpus},

@@ -2,6 +2,6 @@
 
 from training.tasks import text_classification  # noqa: F401  (registers)
 from training.tasks.base import PreparedData, TaskDefinition
-from training.tasks.registry import TASKS
+from training.tasks.registry import TASKS, selection_metric
 
-__all__ = ["TASKS", "PreparedData", "TaskDefinition"]
+__all__ = ["TASKS", "selection_metric", "PreparedData", "TaskDefinition"]

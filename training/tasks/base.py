@@ -11,6 +11,8 @@ from typing import Any, Callable
 
 import pyarrow as pa
 
+from training.losses import build_loss, sequence_argmax
+
 
 @dataclass(frozen=True)
 class PreparedData:
@@ -44,9 +46,16 @@ class TaskDefinition:
     build_model: Callable[[Any, list[str]], Any]
     # (spec) -> tokenizer / processor saved with the export.
     build_processor: Callable[[Any], Any]
-    # (processor) -> collate function: list of rows (dicts) -> dict of tensors with "labels".
-    build_collator: Callable[[Any], Callable[[list[dict]], dict]]
-    # (predictions, references, labels) -> metrics dict (plain floats, plus lists for reports).
-    compute_metrics: Callable[[Any, Any, list[str]], dict[str, Any]]
+    # (processor, training) -> collate function: list of rows (dicts) -> dict of tensors with "labels".
+    # `training` is False for evaluation (no augmentation).
+    build_collator: Callable[[Any, bool], Callable[[list[dict]], dict]]
+    # (predictions, references, labels) -> metrics dict (plain floats, plus lists/dicts for reports);
+    # predictions and references are lists with one entry per example, from `eval_outputs`.
+    compute_metrics: Callable[[list, list, list[str]], dict[str, Any]]
+    # (class weights, label smoothing, device) -> loss(logits, labels); default: cross-entropy over
+    # the last dimension, -100 ignored (sequence and token classification alike).
+    build_loss: Callable[[list[float] | None, float, Any], Callable] = build_loss
+    # (logits, labels) -> (predictions, references), one entry per example, on the CPU.
+    eval_outputs: Callable[[Any, Any], tuple[list, list]] = sequence_argmax
     # Column of PreparedData tables that holds each example's length (for length grouping).
     length_column: str = "length"

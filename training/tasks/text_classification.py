@@ -133,7 +133,7 @@ def _build_model(spec: Any, labels: list[str]):
     )
 
 
-def _build_collator(processor):
+def _build_collator(processor, training: bool):
     from transformers import DataCollatorWithPadding
 
     collate = DataCollatorWithPadding(processor, return_tensors="pt")
