@@ -252,13 +252,17 @@ def read_job_data(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_job(path: str | Path, overrides: list[str] = (), base_dir: Path | None = None) -> JobSpec:
+def load_job(path: str | Path, overrides: list[str] = (), base_dir: Path | None = None, check_data: bool = True) -> JobSpec:
     """Read, override and validate a job file; raise JobSpecError with every problem."""
     data = apply_overrides(read_job_data(path), list(overrides))
-    return validate_job(data, source=str(path), base_dir=base_dir)
+    return validate_job(data, source=str(path), base_dir=base_dir, check_data=check_data)
 
 
-def validate_job(data: dict[str, Any], source: str = "job file", base_dir: Path | None = None) -> JobSpec:
+def validate_job(
+    data: dict[str, Any], source: str = "job file", base_dir: Path | None = None, check_data: bool = True
+) -> JobSpec:
+    """Validate job-file data into a JobSpec; with check_data, also read the data files' headers
+    (columns exist) so a job that cannot train fails here, before any cluster time."""
     base = base_dir or Path.cwd()
     problems: list[Problem] = []
     try:
@@ -270,7 +274,11 @@ def validate_job(data: dict[str, Any], source: str = "job file", base_dir: Path 
     # message holds every problem, not only the first layer of them.
     partial = spec if spec is not None else _valid_sections(data)
     problems.extend(_cross_field_problems(partial))
-    problems.extend(_path_problems(partial, base))
+    path_problems = _path_problems(partial, base)
+    problems.extend(path_problems)
+    if check_data and not path_problems and partial.data is not None and partial.task in TASKS:
+        resolved = _resolve_paths(spec, base) if spec is not None else partial
+        problems.extend(Problem(path=p, message=m, value=v) for p, m, v in TASKS.get(partial.task).check_data(resolved))
     if problems:
         raise JobSpecError(problems, source)
     return _resolve_paths(spec, base)

@@ -27,8 +27,7 @@ def export_checkpoint(checkpoint_dir: Path, spec: Any, export_dir: Path, source_
     trainable, total = count_parameters(model)
     staging = export_dir.with_name(export_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    task.build_processor(spec).save_pretrained(staging)
+    task.save_export(model, task.build_processor(spec), staging)
     write_export_info(staging, ExportInfo(
         name=spec.name,
         task=spec.task,

@@ -93,9 +93,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         reported = {**scalar, "step": state.step, "epoch": state.epoch}
         log.write({"event": "eval", **reported})
         with tempfile.TemporaryDirectory(prefix="tunefleet-ckpt-") as directory:
+            details = {k: v for k, v in metrics.items() if k not in scalar}
             save_shard(Path(directory), rank, world, bare, optimizer, scheduler, state, reported,
-                       extra={"confusion_matrix": metrics.get("confusion_matrix"),
-                              "per_class": metrics.get("per_class_f1"), "labels": prepared.labels})
+                       extra={"labels": prepared.labels, "details": details})
             ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(directory))
         patience = t.early_stopping_patience
         return patience is not None and state.evals_without_improvement >= patience
@@ -233,9 +233,8 @@ def _evaluate(model, rows, lengths, collate, loss_fn, task, labels, batch_size, 
     model.train()
     all_predictions = [p for g in gathered for p in g[0]]
     all_references = [r for g in gathered for r in g[1]]
-    metrics = task.compute_metrics(all_predictions, all_references, labels)
-    metrics["eval_loss"] = sum(g[2] for g in gathered) / max(sum(g[3] for g in gathered), 1)
-    return metrics
+    eval_loss = sum(g[2] for g in gathered) / max(sum(g[3] for g in gathered), 1)
+    return {**task.compute_metrics(all_predictions, all_references, labels, eval_loss), "eval_loss": eval_loss}
 
 
 class _MetricsLog:

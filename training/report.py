@@ -20,22 +20,24 @@ def read_metrics_log(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def write_report(run_dir: Path, report_dir: Path, manifest: dict[str, Any], checkpoint: str) -> dict[str, Any]:
+def write_report(run_dir: Path, report_dir: Path, manifest: dict[str, Any], checkpoint: str,
+                 extras: dict[str, Any] | None = None) -> dict[str, Any]:
     report_dir.mkdir(parents=True, exist_ok=True)
     records = read_metrics_log(run_dir / METRICS_FILE)
     summary = {
         "best_checkpoint": checkpoint,
         "step": manifest["step"],
         "metrics": manifest["metrics"],
-        "per_class": manifest.get("per_class"),
         "labels": manifest.get("labels"),
-        "confusion_matrix": manifest.get("confusion_matrix"),
+        **manifest.get("details", {}),
         "evaluations": [r for r in records if r.get("event") == "eval"],
+        **(extras or {}),
     }
     (report_dir / REPORT_METRICS_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     _loss_curve(records, report_dir / LOSS_CURVE_PNG)
-    if manifest.get("confusion_matrix"):
-        _confusion_matrix(manifest["confusion_matrix"], manifest["labels"], report_dir / CONFUSION_MATRIX_PNG)
+    matrix = manifest.get("details", {}).get("confusion_matrix")
+    if matrix:
+        _confusion_matrix(matrix, manifest["labels"], report_dir / CONFUSION_MATRIX_PNG)
     return summary
 
 

@@ -77,7 +77,9 @@ def run_training(spec: Any, run_id: str) -> RunResult:
     best = best_checkpoint(run_dir / CHECKPOINTS_DIR, metric, higher_is_better)
     export_dir = export_checkpoint(best, spec, run_dir / EXPORT_DIR, source_run=str(run_dir))
     manifest = read_manifest(best)
-    write_report(run_dir, run_dir / REPORT_DIR, manifest, str(best))
+    (run_dir / REPORT_DIR).mkdir(parents=True, exist_ok=True)
+    extras = task.report_extras(spec, export_dir, run_dir / REPORT_DIR, manifest) if task.report_extras else {}
+    write_report(run_dir, run_dir / REPORT_DIR, manifest, str(best), extras)
     (run_dir / CHECKPOINTS_DIR / "best.json").write_text(json.dumps({"checkpoint": best.name, metric: manifest["metrics"][metric]}) + "\n")
     del result
     return RunResult(run_dir=run_dir, export_dir=export_dir, best_checkpoint=best, metrics=manifest["metrics"])

@@ -49,13 +49,30 @@ class TaskDefinition:
     # (processor, training) -> collate function: list of rows (dicts) -> dict of tensors with "labels".
     # `training` is False for evaluation (no augmentation).
     build_collator: Callable[[Any, bool], Callable[[list[dict]], dict]]
-    # (predictions, references, labels) -> metrics dict (plain floats, plus lists/dicts for reports);
-    # predictions and references are lists with one entry per example, from `eval_outputs`.
-    compute_metrics: Callable[[list, list, list[str]], dict[str, Any]]
+    # (predictions, references, labels, eval_loss) -> metrics dict (plain floats, plus lists/dicts
+    # for reports); predictions and references hold one entry per example, from `eval_outputs`;
+    # eval_loss is the mean validation loss per target (perplexity = exp of it).
+    compute_metrics: Callable[[list, list, list[str], float], dict[str, Any]]
     # (class weights, label smoothing, device) -> loss(logits, labels); default: cross-entropy over
     # the last dimension, -100 ignored (sequence and token classification alike).
     build_loss: Callable[[list[float] | None, float, Any], Callable] = build_loss
     # (logits, labels) -> (predictions, references), one entry per example, on the CPU.
     eval_outputs: Callable[[Any, Any], tuple[list, list]] = sequence_argmax
+    # (model, processor, export_dir) -> None: write the model in the format its standard loader
+    # reads. Default: Hugging Face save_pretrained (safetensors) for both.
+    save_export: Callable[[Any, Any, Any], None] = None  # type: ignore[assignment]
+    # (spec, export_dir, report_dir, manifest) -> dict merged into report/metrics.json; may write
+    # task-specific files (sample generations, per-type tables). None: nothing extra.
+    report_extras: Callable[[Any, Any, Any, dict], dict] | None = None
     # Column of PreparedData tables that holds each example's length (for length grouping).
     length_column: str = "length"
+
+    def __post_init__(self) -> None:
+        if self.save_export is None:
+            object.__setattr__(self, "save_export", save_pretrained)
+
+
+def save_pretrained(model: Any, processor: Any, export_dir: Any) -> None:
+    """Hugging Face layout: config + model.safetensors, and the tokenizer / image processor."""
+    model.save_pretrained(export_dir, safe_serialization=True)
+    processor.save_pretrained(export_dir)

@@ -144,7 +144,7 @@ def _build_collator(processor, training: bool):
     return collate_rows
 
 
-def _compute_metrics(predictions, references, labels: list[str]) -> dict[str, Any]:
+def _compute_metrics(predictions, references, labels: list[str], eval_loss: float) -> dict[str, Any]:
     predictions, references = np.asarray(predictions), np.asarray(references)
     ids = list(range(len(labels)))
     per_class = f1_score(references, predictions, labels=ids, average=None, zero_division=0)
