@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+# Quiet library progress bars on the command line; tunefleet prints its own progress.
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 from cluster.commands import docs, job, model
 from cluster.spec import JobSpecError

@@ -40,6 +40,16 @@ class ModelSpec(Strict):
     trust_remote_code: bool = Field(
         False, description="Run the model repository's own Python code. Off: only say yes for code you trust."
     )
+    gguf_file: str | None = Field(
+        None,
+        description="A GGUF file (llama.cpp format) inside `path` to load, dequantised to float32; causal-lm only. "
+        "Slow at every load: convert once to a safetensors directory instead (benchmarks/prepare_smollm2.py).",
+    )
+    weights: str | None = Field(
+        None,
+        description="Image classification, `torchvision://<arch>` models: pretrained weights, a local .pth/.safetensors "
+        "file or an http(s) URL (cached by torch.hub); null: torchvision's default weights for the architecture.",
+    )
 
 
 class ColumnsSpec(Strict):
@@ -48,6 +58,15 @@ class ColumnsSpec(Strict):
     )
     text_pair: ColumnRef | None = Field(None, description="Second text of a sentence pair (MRPC); null for single texts.")
     label: ColumnRef = Field("label", description="Label column: label names or integers.")
+    tokens: ColumnRef | None = Field(
+        None, description="Token classification: column of word lists (JSONL/hub), or index in CoNLL files; null: `tokens`, CoNLL column 0."
+    )
+    tags: ColumnRef | None = Field(
+        None, description="Token classification: column of tag lists (JSONL/hub), or index in CoNLL files; null: `tags` else `ner_tags`, CoNLL's last column."
+    )
+    image: ColumnRef | None = Field(
+        None, description="Image classification (CSV/JSONL/hub): image paths relative to the file, or a hub Image column; null: `image` else `img`."
+    )
 
     def refs(self) -> list[tuple[str, ColumnRef]]:
         """(key, column) for every column the job names, in a stable order."""
@@ -70,8 +89,8 @@ class DataSpec(Strict):
         None, description="Validation file or hub split; null: a seeded split of `train` (`validation_fraction`)."
     )
     validation_fraction: float = Field(0.1, gt=0, lt=1, description="Share of train held out when no validation set is given.")
-    format: Literal["auto", "csv", "tsv", "jsonl", "parquet", "hub"] = Field(
-        "auto", description="File format; auto: from the file extension, else a hub dataset id."
+    format: Literal["auto", "csv", "tsv", "jsonl", "parquet", "hub", "conll"] = Field(
+        "auto", description="File format; auto: from the file extension, else a hub dataset id (token classification: any other local file is conll, one token a line)."
     )
     header: bool | None = Field(
         None, description="CSV/TSV has a header row; null: yes, unless every column is given by index."
@@ -85,11 +104,39 @@ class DataSpec(Strict):
         None,
         description="Label names in id order, or a file with one name per line; null: the sorted distinct labels.",
     )
+    unknown_labels: Literal["error", "drop"] = Field(
+        "error", description="Rows whose label is not in data.label_names: error, or drop them (counted)."
+    )
     label_base: int = Field(
         0, ge=0, description="First integer label when labels are integers and names are given (AG News: 1)."
     )
     limit: LimitSpec = Field(default_factory=LimitSpec, description="Seeded subsets, as the tutorials' shuffle().select().")
     max_length: int = Field(128, ge=8, le=65536, description="Tokens per example; longer inputs are truncated.")
+    lm_format: Literal["auto", "text", "instruction", "chat"] = Field(
+        "auto",
+        description="causal-lm: text (a .txt file or the text column, packed into blocks of max_length tokens), "
+        "instruction (instruction/input/output columns) or chat (a messages column); the loss covers only the "
+        "responses of the last two. auto: chat if there is a messages column, instruction if instruction and "
+        "output columns, else text.",
+    )
+    tag_scheme: Literal["auto", "iob1", "iob2", "bioes"] = Field(
+        "auto", description="Token classification: entity tag scheme; auto: bioes if E-/S- tags occur, iob1 if an I- tag starts an entity, else iob2. IOB1 trains as IOB2."
+    )
+    label_all_subtokens: bool = Field(
+        False, description="Token classification: every sub-token of a word carries a tag; false: the first only (the rest ignored by the loss)."
+    )
+    bad_images: Literal["skip", "error"] = Field(
+        "skip", description="Image classification: files that are not readable images are skipped (counted and listed) or an error naming them."
+    )
+    image_size: int | None = Field(
+        None, ge=8, le=4096, description="Image classification: square crop fed to a torchvision model; null: from the weights' metadata (224 for ImageNet weights)."
+    )
+    image_mean: list[float] | None = Field(
+        None, min_length=1, max_length=4, description="Image classification: per-channel normalisation mean for torchvision models; null: the weights' own."
+    )
+    image_std: list[float] | None = Field(
+        None, min_length=1, max_length=4, description="Image classification: per-channel normalisation std for torchvision models; null: the weights' own."
+    )
 
 
 class MethodSpec(Strict):
@@ -118,6 +165,8 @@ class TrainSpec(Strict):
     warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Share of steps spent warming the learning rate up.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW decay; never applied to biases and norms.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null: no clipping.")
+    layer_lr_decay: float | None = Field(
+        None, gt=0, le=1, description="Discriminative learning rates: each layer down gets lr × this; null: one rate.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 autocast on GPUs that support it, fp32 on CPU."
     )
@@ -388,7 +437,11 @@ def _local_paths(spec: Any) -> list[tuple[str, str]]:
         fields += [("data.train", spec.data.train), ("data.validation", spec.data.validation)]
         if isinstance(spec.data.label_names, str):
             fields.append(("data.label_names", spec.data.label_names))
-    return [(k, v) for k, v in fields if v is not None and looks_like_local_path(v)]
+    local = [(k, v) for k, v in fields if v is not None and looks_like_local_path(v)]
+    weights = spec.model.weights if spec.model is not None else None
+    if weights and "://" not in weights:  # a weights file: a URL, else always a local path
+        local.append(("model.weights", weights))
+    return local
 
 
 def _absolute(base: Path, value: str) -> str:
@@ -411,7 +464,8 @@ def _resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
         "validation": absolute.get("data.validation", spec.data.validation),
         "label_names": absolute.get("data.label_names", spec.data.label_names),
     })
-    model = spec.model.model_copy(update={"path": absolute.get("model", spec.model.path)})
+    model = spec.model.model_copy(update={"path": absolute.get("model", spec.model.path),
+                                          "weights": absolute.get("model.weights", spec.model.weights)})
     storage = spec.output.storage
     if "://" not in storage:
         storage = _absolute(base, storage)

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_file
 
 from training.layout import CHECKPOINT_MANIFEST, MODEL_WEIGHTS, OPTIMIZER_STATE, TRAINER_STATE, shard_dir_name
 
@@ -74,7 +74,7 @@ def save_shard(
     torch.save({"state": asdict(state), "rng": _rng_state()}, shard / TRAINER_STATE)
     if rank != 0:
         return
-    save_model(model, str(shard / MODEL_WEIGHTS))
+    save_file(trainable_state(model), str(shard / MODEL_WEIGHTS))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, shard / OPTIMIZER_STATE)
     manifest = {
         "step": state.step,
@@ -99,8 +99,34 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What training changes: parameters that train, and persistent buffers (BatchNorm statistics).
+
+    Frozen pretrained weights are not copied into every checkpoint: the model is
+    rebuilt from its pretrained source (and method) first, then this is loaded on
+    top. Tied parameters are written once.
+    """
+    state, seen = {}, set()
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad and id(parameter) not in seen:
+            seen.add(id(parameter))
+            state[name] = parameter.detach().contiguous().cpu()
+    persistent = model.state_dict(keep_vars=True)
+    for name, buffer in model.named_buffers():
+        if name in persistent and id(buffer) not in seen:
+            seen.add(id(buffer))
+            state[name] = buffer.detach().contiguous().cpu()
+    return state
+
+
 def load_model_weights(directory: Path, model: torch.nn.Module) -> None:
-    load_model(model, str(Path(directory) / shard_dir_name(0) / MODEL_WEIGHTS), device=str(next(model.parameters()).device))
+    """Load a checkpoint's trainable state onto a model rebuilt the same way (task + method)."""
+    state = load_file(str(Path(directory) / shard_dir_name(0) / MODEL_WEIGHTS))
+    unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+    if unexpected:
+        raise IncompleteCheckpointError(
+            f"{directory}: weights {unexpected[:3]} do not fit this model; was it saved by another task or method?"
+        )
 
 
 def load_shard(directory: Path, rank: int, world_size: int, model: torch.nn.Module, optimizer, scheduler) -> TrainState:

@@ -13,18 +13,31 @@ from typing import Any
 from training.checkpoint import load_model_weights, read_manifest
 from training.layout import ExportInfo, write_export_info
 from training.methods import METHODS, count_parameters
+from training.model_builder import build_training_model
 from training.tasks import TASKS
 
 
-def export_checkpoint(checkpoint_dir: Path, spec: Any, export_dir: Path, source_run: str | None = None) -> Path:
-    """Write `export_dir` from one complete checkpoint; replaces an earlier export atomically."""
+def export_checkpoint(checkpoint_dir: Path, spec: Any, export_dir: Path, source_run: str | None = None,
+                      merge: bool = False) -> Path:
+    """Write `export_dir` from one complete checkpoint; replaces an earlier export atomically.
+
+    Parameter-efficient methods write the adapter alone (PEFT: adapter_config.json +
+    adapter_model.safetensors) with the base named in tunefleet.json; `merge` folds a
+    LoRA / IA3 adapter into the base and writes a plain model instead.
+    """
     manifest = read_manifest(checkpoint_dir)
     labels = manifest["labels"]
     task = TASKS.get(spec.task)
     method = METHODS.get(spec.method.name)
-    model = method.apply(task.build_model(spec, labels), spec.method_options())
+    model = build_training_model(spec, labels)
     load_model_weights(checkpoint_dir, model)
     trainable, total = count_parameters(model)
+    adapter = method.export_kind == "adapter"
+    if merge:
+        if not method.mergeable:
+            mergeable = [m for m in METHODS.names() if METHODS.get(m).mergeable]
+            raise ValueError(f"method {method.name} cannot be merged into its base; mergeable: {', '.join(mergeable)}")
+        model, adapter = model.merge_and_unload(), False
     staging = export_dir.with_name(export_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     task.save_export(model, task.build_processor(spec), staging)
@@ -34,6 +47,8 @@ def export_checkpoint(checkpoint_dir: Path, spec: Any, export_dir: Path, source_
         labels=labels,
         base_model=spec.model.path,
         method=spec.method.name,
+        adapter=adapter,
+        merged=merge,
         trainable_parameters=trainable,
         total_parameters=total,
         max_length=spec.data.max_length,

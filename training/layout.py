@@ -26,6 +26,10 @@ EXPORT_INFO_FILE = "tunefleet.json"
 REPORT_METRICS_FILE = "metrics.json"
 CONFUSION_MATRIX_PNG = "confusion_matrix.png"
 LOSS_CURVE_PNG = "loss_curve.png"
+# Image classification, torchvision backbones: architecture, labels and preprocessing beside
+# model.safetensors (a plain torchvision state dict); an export without it is a Hugging Face model.
+TORCHVISION_CONFIG_FILE = "torchvision.json"
+ENTITY_REPORT_FILE = "entities.md"  # token classification: per-type precision / recall / F1
 
 # Inside one Ray Train checkpoint: a manifest written last (a checkpoint without it
 # is incomplete), and one shard directory per rank.
@@ -52,6 +56,8 @@ class ExportInfo(BaseModel):
     labels: list[str] = Field(default_factory=list)
     base_model: str
     method: str
+    adapter: bool = Field(False, description="The export holds a PEFT adapter; its base is base_model.")
+    merged: bool = Field(False, description="An adapter folded into the base weights (plain model).")
     trainable_parameters: int | None = None
     total_parameters: int | None = None
     max_length: int | None = None

@@ -25,6 +25,8 @@ from training.checkpoint import TrainState, load_shard, save_shard
 from training.layout import METRICS_FILE
 from training.losses import class_weights_for, count_targets
 from training.methods import METHODS, count_parameters
+from training.model_builder import build_training_model
+from training.optim import parameter_groups
 from training.tasks import TASKS, selection_metric
 
 
@@ -42,7 +44,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
     torch.manual_seed(spec.train.seed)
     device = ray.train.torch.get_device()
-    model = method.apply(task.build_model(spec, prepared.labels), spec.method_options())
+    model = build_training_model(spec, prepared.labels, on_cuda=device.type == "cuda")
     trainable, total = count_parameters(model)
     if trainable == 0:
         print(f"WARNING: method {spec.method.name} leaves no trainable parameters; the model will not change")
@@ -59,7 +61,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     per_epoch = -(-batches_per_epoch(len(train_rows), t.batch_size, world) // accumulation)
     total_steps = t.max_steps or t.epochs * per_epoch
     epochs = -(-total_steps // per_epoch)
-    optimizer = torch.optim.AdamW(_parameter_groups(bare, t.weight_decay), lr=t.learning_rate)
+    options = spec.method_options()
+    optimizer = torch.optim.AdamW(
+        parameter_groups(bare, t.learning_rate, t.weight_decay, t.layer_lr_decay, include_frozen=method.schedule is not None),
+        lr=t.learning_rate,
+    )
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=int(t.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
     weights = class_weights_for(t.class_weights, prepared.label_counts)
@@ -100,7 +106,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         patience = t.early_stopping_patience
         return patience is not None and state.evals_without_improvement >= patience
 
+    def follow_schedule() -> None:
+        """Gradual unfreezing: DDP registers only trainable parameters, so it is rebuilt on a change."""
+        nonlocal model
+        if method.schedule and method.schedule(bare, options, state.step, state.epoch):
+            trainable_now, _ = count_parameters(bare)
+            log.write({"event": "unfreeze", "step": state.step, "epoch": state.epoch, "trainable_parameters": trainable_now})
+            if world > 1:
+                model = ray.train.torch.prepare_model(bare)
+
     # ---- train -------------------------------------------------------------
+    follow_schedule()
     progress = _progress(rank, total_steps, state.step, spec.name)
     model.train()
     stop = state.step >= total_steps
@@ -129,6 +145,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
+            follow_schedule()
             progress.update(1)
             if state.step % t.log_every_steps == 0 or state.step == 1:
                 elapsed = time.perf_counter() - window_start
@@ -146,6 +163,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 break
         if not stop or state.batch_in_epoch >= len(plan):
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            follow_schedule()
         if t.eval_every_steps is None and last_eval_step != state.step:
             last_eval_step = state.step
             stop = evaluate_and_checkpoint() or stop
@@ -159,16 +177,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 def _rows(table) -> list[dict]:
     columns = {name: table.column(name).to_pylist() for name in table.column_names}
     return [dict(zip(columns, values)) for values in zip(*columns.values())]
-
-
-def _parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases and normalisation weights, as BERT's recipe and the HF Trainer do."""
-    decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

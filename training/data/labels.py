@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import datasets
+
 from training.data.tables import DataError
 
 _INT = re.compile(r"^[+-]?\d+$")
@@ -21,18 +23,30 @@ def read_label_names(label_names: list[str] | str | None) -> list[str] | None:
     return names
 
 
+def declared_label_names(
+    label_names: list[str] | str | None, label_base: int, feature: object = None
+) -> tuple[list[str] | None, int]:
+    """(names, first label's integer) the job declares (a list or a file), else those a
+    `datasets.ClassLabel` column carries (hub datasets: ag_news → World, Sports, ...; ids from 0)."""
+    names = read_label_names(label_names)
+    if names is None and isinstance(feature, datasets.ClassLabel):
+        return list(feature.names), 0
+    return names, label_base
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) or (isinstance(value, str) and bool(_INT.match(value.strip())))
 
 
 def build_label_map(
-    values: list[object], given_names: list[str] | None, label_base: int, source: str
+    values: list[object], given_names: list[str] | None, label_base: int, source: str, drop_unknown: bool = False
 ) -> tuple[list[str], dict[object, int]]:
     """Names in id order and a map from each raw value seen to its id.
 
     Integer labels with names: id = value - label_base (AG News: 1..4 → 0..3).
     Integer labels without names: the sorted distinct integers, named as written.
     Text labels: positions in the given names, or the sorted distinct texts.
+    With drop_unknown, text labels outside the given names map to -1 (the caller drops those rows).
     """
     values = [v for v in values if v is not None and v != ""]
     if not values:
@@ -51,8 +65,9 @@ def build_label_map(
             index = {name: i for i, name in enumerate(given_names)}
             mapping = {v: index.get(str(v).strip(), -1) for v in values}
             bad = sorted({v for v, i in mapping.items() if i < 0}, key=str)
-            if bad:
-                problems.append(("data.label_names", f"{source}: labels {bad[:5]} are not in data.label_names {given_names}", None))
+            if bad and not drop_unknown:
+                problems.append(("data.label_names", f"{source}: labels {bad[:5]} are not in data.label_names {given_names}; "
+                                 "add them, or set data.unknown_labels: drop", None))
         if problems:
             raise DataError(problems)
         return list(given_names), mapping

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import fsspec
 
 SUFFIX_FORMATS = {
     ".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".json": "jsonl",
@@ -65,7 +66,8 @@ def read_columns(source: Source) -> list[str]:
         return list(builder.info.features or {})
     path = Path(source.location)
     if source.format in ("csv", "tsv"):
-        with path.open(encoding="utf-8-sig", newline="") as handle:
+        # fsspec infers compression from the suffix (.gz, .bz2, .xz, .zst), as load_dataset does.
+        with fsspec.open(str(path), "rt", encoding="utf-8-sig", newline="", compression="infer") as handle:
             first = handle.readline()
         row = _split_line(first, source.format)
         return row if source.header else [str(i) for i in range(len(row))]

@@ -22,10 +22,18 @@ class MethodDefinition:
     tasks: frozenset[str]
     # The method's own options (keys beside `name` under `method:`).
     options: type[BaseModel]
-    # (model, options) -> model to train, with requires_grad set on what trains.
-    apply: Callable[[Any, BaseModel], Any]
-    # Export kind: "full" writes the whole model; adapter methods write the adapter alone.
+    # (model, options, task name) -> model to train, with requires_grad set on what trains.
+    apply: Callable[[Any, BaseModel, str], Any]
+    # Export kind: "full" writes the whole model; "adapter" writes the adapter alone (PEFT format)
+    # with the base model named in tunefleet.json.
     export_kind: str = "full"
+    # Whether `tunefleet export --merge` can fold the adapter into the base weights.
+    mergeable: bool = False
+    # (options, on_cuda) -> extra from_pretrained kwargs (QLoRA's quantization_config).
+    load_kwargs: Callable[[BaseModel, bool], dict] | None = None
+    # (model, options, step, epoch) -> True when it changed which parameters train (gradual
+    # unfreezing); called before every optimizer step, and once on resume.
+    schedule: Callable[[Any, BaseModel, int, int], bool] | None = None
 
 
 def count_parameters(model: Any) -> tuple[int, int]:

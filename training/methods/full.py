@@ -4,7 +4,7 @@ from training.methods.base import MethodDefinition, NoOptions
 from training.methods.registry import METHODS
 
 
-def _apply(model, options):
+def _apply(model, options, task):
     for parameter in model.parameters():
         parameter.requires_grad_(True)
     return model

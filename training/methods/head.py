@@ -13,7 +13,7 @@ def backbone_of(model):
     return body
 
 
-def _apply(model, options):
+def _apply(model, options, task):
     for parameter in model.parameters():
         parameter.requires_grad_(True)
     for parameter in backbone_of(model).parameters():

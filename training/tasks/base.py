@@ -22,9 +22,12 @@ class PreparedData:
     validation: pa.Table
     labels: list[str]
     label_counts: list[int] = field(default_factory=list)
+    # What preparation dropped or noticed (e.g. {"skipped_images": 3}): shown in the run's `data:` line.
+    notes: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
-        return {"train_rows": self.train.num_rows, "validation_rows": self.validation.num_rows, "labels": self.labels}
+        return {"train_rows": self.train.num_rows, "validation_rows": self.validation.num_rows, "labels": self.labels,
+                **self.notes}
 
 
 @dataclass(frozen=True)
@@ -42,8 +45,9 @@ class TaskDefinition:
     # spec -> PreparedData. Runs on the driver before any worker starts, so a missing
     # column or an unknown label costs no cluster time.
     prepare: Callable[[Any], PreparedData]
-    # (spec, labels) -> torch.nn.Module with pretrained weights and a head sized to the labels.
-    build_model: Callable[[Any, list[str]], Any]
+    # (spec, labels, **load_kwargs) -> torch.nn.Module with pretrained weights and a head sized to
+    # the labels; load_kwargs come from the method (e.g. quantization_config) and go to from_pretrained.
+    build_model: Callable[..., Any]
     # (spec) -> tokenizer / processor saved with the export.
     build_processor: Callable[[Any], Any]
     # (processor, training) -> collate function: list of rows (dicts) -> dict of tensors with "labels".
@@ -73,6 +77,7 @@ class TaskDefinition:
 
 
 def save_pretrained(model: Any, processor: Any, export_dir: Any) -> None:
-    """Hugging Face layout: config + model.safetensors, and the tokenizer / image processor."""
+    """Hugging Face layout: config + model.safetensors, or for a PEFT model the adapter alone
+    (its label names live in tunefleet.json), and the tokenizer / image processor."""
     model.save_pretrained(export_dir, safe_serialization=True)
     processor.save_pretrained(export_dir)

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
-from training.data.labels import build_label_map, read_label_names
+from training.data.labels import build_label_map, declared_label_names
 from training.data.tables import DataError, Source, detect_format, load_table, read_columns, seeded_subset
 from training.tasks.base import PreparedData, TaskDefinition
 from training.tasks.registry import TASKS
@@ -53,7 +53,8 @@ def check_columns(spec: Any) -> list[tuple[str, str, Any]]:
             continue
         for key, ref in spec.data.columns.refs():
             if str(ref) not in available:
-                hint = "a 0-based index" if not source.header else "one of " + ", ".join(available)
+                headerless = not source.header and source.format in ("csv", "tsv")
+                hint = "a 0-based index" if headerless else "one of " + ", ".join(available)
                 problems.append((f"data.columns.{key}", f"{source.location} has no column {ref!r}; use {hint}", ref))
     return problems
 
@@ -76,17 +77,30 @@ def _prepare(spec: Any) -> PreparedData:
         train, validation = split["train"], split["test"]
     else:
         validation = load_table(validation_source, wanted)
-    train = seeded_subset(train, data.limit.train, seed)
-    validation = seeded_subset(validation, data.limit.validation, seed)
-
-    names, mapping = build_label_map(train.unique(label_col), read_label_names(data.label_names), data.label_base,
-                                     train_source.location)
+    drop = data.unknown_labels == "drop"
+    given, base = declared_label_names(data.label_names, data.label_base, train.features.get(label_col))
+    names, mapping = build_label_map(train.unique(label_col), given, base,
+                                     train_source.location, drop_unknown=drop)
     unseen = sorted({v for v in validation.unique(label_col) if v not in mapping and v not in (None, "")}, key=str)
-    if unseen and data.label_names:
-        mapping.update(build_label_map(unseen, names, data.label_base, "validation")[1])
+    if unseen and given:
+        mapping.update(build_label_map(unseen, names, base, "validation", drop_unknown=drop)[1])
     elif unseen:
         raise DataError([("data.validation", f"validation labels {unseen[:5]} never occur in the training data; "
                           "list every label in data.label_names", None)])
+
+    # Rows without a usable label (empty, or dropped by data.unknown_labels) go before the
+    # subset is drawn, so `limit` counts rows that train.
+    def usable(values: list) -> list[bool]:
+        return [mapping.get(v, -1) >= 0 for v in values]
+
+    kept = [ds.filter(usable, input_columns=label_col, batched=True) for ds in (train, validation)]
+    dropped = len(train) + len(validation) - sum(len(ds) for ds in kept)
+    if dropped:
+        print(f"data: dropped {dropped} rows without a usable label")
+    train = seeded_subset(kept[0], data.limit.train, seed)
+    validation = seeded_subset(kept[1], data.limit.validation, seed)
+    if len(train) == 0:
+        raise DataError([("data.train", f"{train_source.location}: no labeled rows", None)])
 
     processor = _build_processor(spec)
 
@@ -94,21 +108,17 @@ def _prepare(spec: Any) -> PreparedData:
         texts = [data.text_separator.join((row or "") for row in parts) for parts in zip(*(batch[c] for c in text_cols))]
         pairs = [p or "" for p in batch[pair_col]] if pair_col else None
         out = processor(texts, pairs, truncation=True, max_length=data.max_length)
-        out["labels"] = [mapping.get(v, -100) for v in batch[label_col]]
+        out["labels"] = [mapping[v] for v in batch[label_col]]
         out["length"] = [len(ids) for ids in out["input_ids"]]
         return dict(out)
 
     def tokenize(ds):
-        return ds.map(encode, batched=True, batch_size=1000, remove_columns=ds.column_names,
-                      desc="tokenizing").filter(lambda labels: [l >= 0 for l in labels], input_columns="labels",
-                                                batched=True)
+        ds = ds.map(encode, batched=True, batch_size=1000, remove_columns=ds.column_names, desc="tokenizing")
+        return ds.flatten_indices().data.table.combine_chunks()
 
-    train_tok, validation_tok = tokenize(train), tokenize(validation)
-    if len(train_tok) == 0:
-        raise DataError([("data.train", f"{train_source.location}: no labeled rows left", None)])
-    counts = np.bincount(np.asarray(train_tok["labels"]), minlength=len(names)).tolist()
-    return PreparedData(train=train_tok.data.table.combine_chunks(), validation=validation_tok.data.table.combine_chunks(),
-                        labels=names, label_counts=counts)
+    train_table, validation_table = tokenize(train), tokenize(validation)
+    counts = np.bincount(np.asarray(train_table.column("labels").to_numpy()), minlength=len(names)).tolist()
+    return PreparedData(train=train_table, validation=validation_table, labels=names, label_counts=counts)
 
 
 def _build_processor(spec: Any):
@@ -118,7 +128,7 @@ def _build_processor(spec: Any):
                                          trust_remote_code=spec.model.trust_remote_code)
 
 
-def _build_model(spec: Any, labels: list[str]):
+def _build_model(spec: Any, labels: list[str], **load_kwargs):
     from transformers import AutoModelForSequenceClassification
 
     return AutoModelForSequenceClassification.from_pretrained(
@@ -130,6 +140,7 @@ def _build_model(spec: Any, labels: list[str]):
         label2id={name: i for i, name in enumerate(labels)},
         # A pretrained checkpoint's own head (another label set) is replaced, not an error.
         ignore_mismatched_sizes=True,
+        **load_kwargs,
     )
 
 
