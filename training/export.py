@@ -40,7 +40,13 @@ def export_checkpoint(checkpoint_dir: Path, spec: Any, export_dir: Path, source_
         model, adapter = model.merge_and_unload(), False
     staging = export_dir.with_name(export_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    task.save_export(model, task.build_processor(spec), staging)
+    processor = task.build_processor(spec)
+    if method.save_adapter and adapter:
+        staging.mkdir(parents=True)
+        method.save_adapter(model, spec.method_options(), staging)
+        processor.save_pretrained(staging)
+    else:
+        task.save_export(model, processor, staging)
     write_export_info(staging, ExportInfo(
         name=spec.name,
         task=spec.task,

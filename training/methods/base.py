@@ -34,6 +34,9 @@ class MethodDefinition:
     # (model, options, step, epoch) -> True when it changed which parameters train (gradual
     # unfreezing); called before every optimizer step, and once on resume.
     schedule: Callable[[Any, BaseModel, int, int], bool] | None = None
+    # (model, options, export_dir) -> None: writes the adapter itself when it is not a PEFT model
+    # (bottleneck adapters); None: the task's save_export writes the model or PEFT adapter.
+    save_adapter: Callable[[Any, BaseModel, Any], None] | None = None
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
