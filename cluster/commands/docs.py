@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 
 def register(commands) -> None:
     docs = commands.add_parser("docs", help="print the job-file reference (Markdown), generated from the schema")
@@ -11,9 +13,6 @@ def register(commands) -> None:
 def _docs(args) -> int:
     from cluster.docs import job_reference
 
-    print(job_reference())
+    # Written as is (it ends in a newline), so `tunefleet docs > docs/job-reference.md` is byte-exact.
+    sys.stdout.write(job_reference())
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

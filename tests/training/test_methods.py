@@ -23,7 +23,7 @@ TEXT_METHODS = sorted(m for m in METHODS.names() if "text-classification" in MET
 @pytest.fixture(scope="module")
 def tiny64(tmp_path_factory):
     """Hidden 64: bitsandbytes' 4-bit blocks are 64 wide, so QLoRA needs at least that."""
-    from tests.conftest import minilm_path
+    from testdata import minilm_path
 
     directory = tmp_path_factory.mktemp("tiny64")
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())

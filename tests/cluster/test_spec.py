@@ -1,0 +1,310 @@
+"""Job files: good ones load into a frozen spec, bad ones fail once with every problem, its key path and value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from cluster.cli import main
+from cluster.spec import JobSpec, JobSpecError, apply_overrides, load_job, validate_job
+from training.methods import METHODS
+from training.tasks import TASKS
+
+
+@pytest.fixture()
+def workdir(tmp_path, monkeypatch) -> Path:
+    """A job directory: a model folder, a TSV with a header, label names; the CWD is here."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\na fine film\tpositive\na dull film\tnegative\n")
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\nquite good\tpositive\n")
+    (tmp_path / "labels.txt").write_text("negative\npositive\n")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def good_job() -> dict:
+    return {
+        "name": "sst2-tiny",
+        "task": "text-classification",
+        "model": "./model",
+        "data": {"train": "train.tsv", "validation": "dev.tsv", "columns": {"text": "sentence", "label": "label"}},
+        "method": {"name": "full"},
+        "train": {"epochs": 2, "batch_size": 8, "learning_rate": 3.0e-5},
+        "scale": {"workers": 2, "use_gpu": False},
+        "output": {"storage": "./runs"},
+        "serve": {"min_replicas": 1, "max_replicas": 2},
+    }
+
+
+def write_job(directory: Path, data: dict, name: str = "job.yaml") -> Path:
+    path = directory / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def problems_of(data: dict, **kwargs) -> dict[str, object]:
+    """{key path: value} of every problem; fails when the job validates."""
+    with pytest.raises(JobSpecError) as raised:
+        validate_job(data, **kwargs)
+    return {p.path: p.value for p in raised.value.problems}
+
+
+def message_of(data: dict, **kwargs) -> str:
+    with pytest.raises(JobSpecError) as raised:
+        validate_job(data, **kwargs)
+    return str(raised.value)
+
+
+# --- good files --------------------------------------------------------------------------------
+
+def test_good_job_loads_into_typed_models(workdir):
+    spec = load_job(write_job(workdir, good_job()))
+    assert isinstance(spec, JobSpec)
+    assert spec.train.epochs == 2 and spec.train.learning_rate == pytest.approx(3e-5)
+    assert spec.scale.use_gpu is False and spec.scale.workers == 2
+    assert spec.data.columns.text == "sentence" and spec.data.columns.text_pair is None
+    assert spec.model.path == str(workdir / "model") and spec.model.trust_remote_code is False
+    assert spec.train.scheduler == "linear"  # a default filled in
+
+
+def test_relative_paths_resolve_against_the_working_directory(workdir):
+    job = good_job()
+    job["data"]["label_names"] = "labels.txt"
+    spec = validate_job(job)
+    assert spec.data.train == str(workdir / "train.tsv")
+    assert spec.data.validation == str(workdir / "dev.tsv")
+    assert spec.data.label_names == str(workdir / "labels.txt")
+    assert spec.model.path == str(workdir / "model")
+    assert spec.output.storage == str(workdir / "runs")
+
+
+def test_hub_ids_are_left_alone(workdir):
+    job = good_job() | {"model": "bert-base-uncased"}
+    job["data"] = {"train": "glue", "hub_config": "mrpc", "validation_split": "validation",
+                   "columns": {"text": "sentence1", "text_pair": "sentence2", "label": "label"}}
+    spec = validate_job(job, check_data=False)
+    assert spec.model.path == "bert-base-uncased" and spec.data.train == "glue"
+
+
+def test_spec_is_frozen(workdir):
+    spec = validate_job(good_job())
+    with pytest.raises(ValidationError):
+        spec.train.epochs = 5
+    with pytest.raises(ValidationError):
+        spec.name = "other"
+
+
+def test_dump_round_trips(workdir):
+    job = good_job()
+    job["data"]["limit"] = {"train": 1}
+    spec = validate_job(job)
+    dumped = spec.dump()
+    yaml.safe_dump(dumped)  # plain YAML-able data
+    assert validate_job(yaml.safe_load(yaml.safe_dump(dumped))) == spec
+
+
+# --- bad files: each kind of problem -------------------------------------------------------------
+
+def test_unknown_keys_top_level_and_nested(workdir):
+    job = good_job() | {"epochs": 3}
+    job["data"]["colums"] = {"text": "sentence"}
+    job["train"]["learning_rat"] = 1e-4
+    found = problems_of(job)
+    assert set(found) >= {"epochs", "data.colums", "train.learning_rat"}
+    assert found["epochs"] == 3 and found["train.learning_rat"] == 1e-4
+    assert "unknown key" in message_of(job)
+
+
+def test_wrong_types_name_path_and_value(workdir):
+    job = good_job()
+    job["train"]["epochs"] = "three"
+    job["scale"]["workers"] = [2]
+    job["serve"]["max_batch_size"] = "big"
+    found = problems_of(job)
+    assert found["train.epochs"] == "three"
+    assert found["scale.workers"] == [2]
+    assert found["serve.max_batch_size"] == "big"
+
+
+def test_missing_required_keys(workdir):
+    job = good_job()
+    del job["name"]
+    del job["data"]["train"]
+    message = message_of(job)
+    assert "name: required key is missing" in message
+    assert "data.train: required key is missing" in message
+
+
+def test_bad_paths_name_the_absolute_path(workdir):
+    job = good_job()
+    job["data"]["train"] = "data/missing.tsv"
+    job["model"] = "./no-model"
+    found = problems_of(job)
+    assert found["data.train"] == "data/missing.tsv" and found["model"] == "./no-model"
+    message = message_of(job)
+    assert f"no such file or directory: {workdir / 'data' / 'missing.tsv'}" in message
+
+
+@pytest.mark.parametrize("section, values, path, shown", [
+    ("train", {"epochs": 0}, "train.epochs", 0),
+    ("train", {"learning_rate": -1e-5}, "train.learning_rate", -1e-5),
+    ("train", {"warmup_ratio": 1.5}, "train.warmup_ratio", 1.5),
+    ("scale", {"workers": 0}, "scale.workers", 0),
+    ("data", {"max_length": 2}, "data.max_length", 2),
+])
+def test_impossible_values(workdir, section, values, path, shown):
+    job = good_job()
+    job[section].update(values)
+    assert problems_of(job) == {path: shown}
+
+
+def test_cross_field_serve_rules_say_both_fields(workdir):
+    job = good_job()
+    job["serve"] = {"min_replicas": 3, "max_replicas": 1}
+    [problem] = pytest.raises(JobSpecError, validate_job, job).value.problems
+    assert problem.path.startswith("serve") and "min_replicas (3)" in str(problem) and "max_replicas (1)" in str(problem)
+
+    job["serve"] = {"max_ongoing_requests": 8, "max_batch_size": 32}
+    [problem] = pytest.raises(JobSpecError, validate_job, job).value.problems
+    assert problem.path.startswith("serve")
+    assert "max_ongoing_requests (8)" in str(problem) and "max_batch_size (32)" in str(problem)
+
+
+def test_unknown_task_and_method_list_the_known_names(workdir):
+    job = good_job() | {"task": "text-clasification", "method": {"name": "lorra"}}
+    found = problems_of(job)
+    assert found == {"task": "text-clasification", "method.name": "lorra"}
+    message = message_of(job)
+    assert "known: " + ", ".join(TASKS.names()) in message
+    assert "known: " + ", ".join(METHODS.names()) in message
+
+
+def test_unknown_method_option(workdir):
+    job = good_job()
+    job["method"] = {"name": "full", "rank": 8}
+    assert problems_of(job) == {"method.rank": 8}
+
+
+def test_method_that_does_not_fit_the_task(workdir):
+    pairs = [(m, t) for m in METHODS.names() for t in TASKS.names() if t not in METHODS.get(m).tasks]
+    if not pairs:
+        pytest.skip("every registered method fits every registered task")
+    method, task = pairs[0]
+    job = good_job() | {"task": task, "method": {"name": method}}
+    with pytest.raises(JobSpecError) as raised:
+        validate_job(job, check_data=False)
+    [problem] = [p for p in raised.value.problems if p.path == "method.name"]
+    assert problem.value == method and f"does not fit task {task}" in problem.message
+
+
+def test_missing_column_lists_the_columns_that_exist(workdir):
+    job = good_job()
+    job["data"]["columns"] = {"text": "sentense", "label": "label"}
+    found = problems_of(job)
+    assert found == {"data.columns.text": "sentense"}
+    assert "use one of sentence, label" in message_of(job)
+    # check_data=False skips reading the files.
+    validate_job(job, check_data=False)
+
+
+def test_every_problem_in_one_error(workdir):
+    job = good_job() | {"task": "text-clasification", "extra": True}
+    del job["name"]
+    job["data"]["train"] = "missing.csv"
+    job["train"].update(epochs=0, learning_rate=-1, optimiser="sgd")
+    job["scale"]["workers"] = "two"
+    job["serve"] = {"min_replicas": 3, "max_replicas": 1}
+    job["method"] = {"name": "lorra"}
+    with pytest.raises(JobSpecError) as raised:
+        validate_job(job)
+    paths = [p.path for p in raised.value.problems]
+    for expected in ("name", "task", "extra", "data.train", "train.epochs", "train.learning_rate",
+                     "train.optimiser", "scale.workers", "method.name"):
+        assert expected in paths, f"{expected} not reported: {paths}"
+    assert any(p.startswith("serve") for p in paths)
+    message = str(raised.value)
+    assert message.startswith(f"job file: {len(paths)} problems")
+    assert len(set(paths)) == len(paths), "a problem reported twice"
+
+
+def test_yaml_syntax_and_shape_errors(workdir):
+    path = workdir / "broken.yaml"
+    path.write_text("name: x\ntrain: {epochs: 2\n")
+    with pytest.raises(JobSpecError, match=r"line \d+, column \d+"):
+        load_job(path)
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(JobSpecError, match="YAML mapping"):
+        load_job(path)
+    with pytest.raises(JobSpecError, match="no job file"):
+        load_job(workdir / "nope.yaml")
+
+
+# --- --set overrides ------------------------------------------------------------------------------
+
+def test_overrides_are_nested_and_yaml_typed(workdir):
+    path = write_job(workdir, good_job())
+    spec = load_job(path, [
+        "train.epochs=3",
+        "train.learning_rate=1.0e-4",
+        "scale.use_gpu=auto",
+        "data.limit.train=1",  # creates the nested section
+        "data.columns.text=[sentence, sentence]",
+        "train.max_grad_norm=null",
+    ])
+    assert spec.train.epochs == 3 and spec.train.learning_rate == pytest.approx(1e-4)
+    assert spec.scale.use_gpu == "auto"
+    assert spec.data.limit.train == 1
+    assert spec.data.columns.text == ["sentence", "sentence"]
+    assert spec.train.max_grad_norm is None
+
+
+def test_override_into_a_model_given_as_a_string(workdir):
+    data = apply_overrides(good_job(), ["model.revision=v1.0"])
+    assert data["model"] == {"path": "./model", "revision": "v1.0"}
+    assert validate_job(data).model.revision == "v1.0"
+    assert good_job()["model"] == "./model"  # the input is not modified
+
+
+def test_overrides_are_validated_like_the_file(workdir):
+    path = write_job(workdir, good_job())
+    with pytest.raises(JobSpecError) as raised:
+        load_job(path, ["train.epochs=0", "train.epoch=3"])
+    assert {p.path: p.value for p in raised.value.problems} == {"train.epochs": 0, "train.epoch": 3}
+
+
+@pytest.mark.parametrize("bad", ["train.epochs", "=3", "train..epochs=3", "train epochs=3"])
+def test_malformed_override(workdir, bad):
+    path = write_job(workdir, good_job())
+    with pytest.raises(JobSpecError) as raised:
+        load_job(path, [bad])
+    [problem] = raised.value.problems
+    assert problem.path == "--set" and problem.value == bad and "key.path=value" in problem.message
+
+
+# --- the CLI ------------------------------------------------------------------------------------------
+
+def test_validate_command_ok(workdir, capsys):
+    path = write_job(workdir, good_job())
+    assert main(["validate", str(path)]) == 0
+    assert "ok" in capsys.readouterr().out
+
+
+def test_validate_command_exit_2_with_every_problem_on_stderr(workdir, capsys):
+    job = good_job()
+    job["train"]["epochs"] = 0
+    job["data"]["columns"]["label"] = "sentiment"
+    path = write_job(workdir, job)
+    assert main(["validate", str(path), "--set", "scale.workers=-1"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    # The missing column is reported for each file that lacks it.
+    assert captured.err.startswith(f"error: {path}: 4 problems")
+    for line in ("train.epochs: input should be greater than or equal to 1 (got 0)",
+                 "scale.workers: input should be greater than or equal to 1 (got -1)",
+                 "data.columns.label: train.tsv has no column 'sentiment'; use one of sentence, label",
+                 "data.columns.label: dev.tsv has no column 'sentiment'"):
+        assert line in captured.err
+    assert "Traceback" not in captured.err
