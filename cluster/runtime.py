@@ -15,6 +15,9 @@ from typing import Iterator
 # Quieter, faster local starts; set before Ray is imported by anything else.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray starts workers at nice 15; on a shared node that lets any other work starve training
+# steps and Serve replicas. A private local Ray runs them at normal priority.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 import ray  # noqa: E402
 

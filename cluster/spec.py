@@ -20,6 +20,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
+from cluster.scale_spec import DeepSpeedSpec, deepspeed_problems
 from serving.config import ServeSpec
 from training.methods import METHODS
 from training.tasks import TASKS
@@ -191,11 +192,27 @@ class ScaleSpec(Strict):
         None, gt=0, description="CPUs each worker reserves (and torch threads); null: the node's CPUs / workers."
     )
     max_failures: int = Field(0, ge=-1, description="Worker failures to recover from the last checkpoint; -1: unlimited.")
+    deepspeed: DeepSpeedSpec | None = Field(
+        None, description="Train with DeepSpeed ZeRO inside the Ray Train workers ({stage, offload_optimizer, "
+        "offload_params} or {config}); null: plain DDP. See docs/scale.md.")
+
+
+class TrackingSpec(Strict):
+    mlflow: bool = Field(True, description="Log the job's parameters, every metric, the report and the export to MLflow (from rank 0).")
+    mlflow_uri: str | None = Field(
+        None, description="MLflow tracking URI; null: $MLFLOW_TRACKING_URI, else a local store in the run directory (mlflow.db)."
+    )
+    experiment: str | None = Field(None, description="MLflow experiment; null: the job name.")
+    log_export: bool = Field(
+        True, description="Upload export/ as MLflow artifacts; off for very large models (the export path is still tagged)."
+    )
+    tensorboard: bool = Field(True, description="TensorBoard event files in the run directory (tensorboard/).")
 
 
 class OutputSpec(Strict):
     storage: str = Field("./runs", description="Run directories go under here: a local path, shared volume, s3:// or gs://.")
     keep_checkpoints: int = Field(2, ge=1, description="Best k checkpoints kept by the metric; the rest are deleted.")
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="Experiment tracking: MLflow and TensorBoard.")
 
 
 class JobSpec(Strict):
@@ -399,17 +416,7 @@ def _cross_field_problems(spec: Any) -> list[Problem]:
             ))
     if task_known and spec.data is not None:
         problems.extend(Problem(path=p, message=m, value=v) for p, m, v in TASKS.get(spec.task).check_spec(spec))
-    serve = spec.serve
-    if serve is not None and serve.max_replicas < serve.min_replicas:
-        problems.append(Problem(
-            path="serve.max_replicas", message=f"must be >= serve.min_replicas ({serve.min_replicas})", value=serve.max_replicas,
-        ))
-    if serve is not None and serve.max_ongoing_requests < serve.max_batch_size:
-        problems.append(Problem(
-            path="serve.max_ongoing_requests",
-            message=f"must be >= serve.max_batch_size ({serve.max_batch_size}), or batches never fill",
-            value=serve.max_ongoing_requests,
-        ))
+    # serve: replica and batching bounds are ServeSpec's own validators (serving/config.py).
     train = spec.train
     if train is not None and isinstance(train.class_weights, list) and any(w <= 0 for w in train.class_weights):
         problems.append(Problem(path="train.class_weights", message="every weight must be > 0", value=train.class_weights))
@@ -437,7 +444,9 @@ def _local_paths(spec: Any) -> list[tuple[str, str]]:
         fields += [("data.train", spec.data.train), ("data.validation", spec.data.validation)]
         if isinstance(spec.data.label_names, str):
             fields.append(("data.label_names", spec.data.label_names))
-    local = [(k, v) for k, v in fields if v is not None and looks_like_local_path(v)]
+    if spec.scale is not None and spec.scale.deepspeed is not None and spec.scale.deepspeed.config is not None:
+        fields.append(("scale.deepspeed.config", spec.scale.deepspeed.config))
+    local = [(k, v) for k, v in fields if v is not None and (looks_like_local_path(v) or k == "scale.deepspeed.config")]
     weights = spec.model.weights if spec.model is not None else None
     if weights and "://" not in weights:  # a weights file: a URL, else always a local path
         local.append(("model.weights", weights))
@@ -469,4 +478,9 @@ def _resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
     storage = spec.output.storage
     if "://" not in storage:
         storage = _absolute(base, storage)
-    return spec.model_copy(update={"data": data, "model": model, "output": spec.output.model_copy(update={"storage": storage})})
+    scale = spec.scale
+    if "scale.deepspeed.config" in absolute:
+        zero = scale.deepspeed.model_copy(update={"config": absolute["scale.deepspeed.config"]})
+        scale = scale.model_copy(update={"deepspeed": zero})
+    return spec.model_copy(update={"data": data, "model": model, "scale": scale,
+                                   "output": spec.output.model_copy(update={"storage": storage})})

@@ -8,12 +8,14 @@ batches can fill.
 
     /                      root app: /healthz, /v1/models, 404 JSON for unknown models
     /v1/models/{name}      one app per model: GET / (its card), POST /predict
+    /v1/completions        root app → the named causal LM's app (OpenAI-compatible; serving/openai_compat.py)
+    /v1/chat/completions
 """
 
 import asyncio
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve import Application
@@ -22,10 +24,13 @@ from serving.catalog import ServedModel
 from serving.config import ServeSpec
 from serving.errors import ServingError, install_error_handlers
 from serving.handlers import HANDLERS, load_handler
+from serving.openai_compat import install_openai_routes
 from serving.schemas import ErrorBody, Health, ModelCard, ModelList
+from serving.uploads import read_upload
 
 ROOT_APP_NAME = "_root"  # model names start with a letter or digit, so never clash
 _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (400, 404, 413, 422)}
+_UPLOAD_ERRORS: dict[int | str, dict[str, Any]] = {**_ERRORS, 415: {"model": ErrorBody}}
 
 
 def _autoscaling(spec: ServeSpec) -> dict[str, Any]:
@@ -70,7 +75,31 @@ def build_model_app(model: ServedModel, spec: ServeSpec, env_vars: dict[str, str
             predictions = [self.handler.format(output, body) for output in outputs]
             return JSONResponse({"model": self.name, "predictions": predictions})
 
-    runtime_env = {"env_vars": env_vars} if env_vars else {}
+        if hasattr(handler_cls, "prepare_upload"):  # tasks that take files: multipart or a raw body (serving/uploads.py)
+
+            @api.post("/predict/upload", response_model=handler_cls.response_model, responses=_UPLOAD_ERRORS)
+            async def predict_upload(self, request: Request) -> JSONResponse:
+                files, parameters = await read_upload(request, spec.max_image_bytes, spec.max_inputs_per_request)
+                items, body = self.handler.prepare_upload(files, parameters)
+                outputs = await asyncio.gather(*(self.run_batch(item) for item in items))
+                predictions = [self.handler.format(output, body) for output in outputs]
+                return JSONResponse({"model": self.name, "predictions": predictions})
+
+        if hasattr(handler_cls, "openai_prepare"):  # text generation: the root app's OpenAI routes call these
+
+            async def openai(self, route: str, request: Any) -> dict[str, Any]:
+                items = self.handler.openai_prepare(route, request)
+                outputs = await asyncio.gather(*(self.run_batch(item) for item in items))
+                return self.handler.openai_format(route, request, outputs)
+
+            async def openai_stream(self, route: str, request: Any):
+                events = self.handler.openai_stream(route, request)  # server-sent events, one string each
+                while (event := await asyncio.to_thread(next, events, None)) is not None:
+                    yield event
+
+    # Tokenizers' own thread pool fights torch's threads for the replica's few cores: tokenize
+    # serially (a batch of 16 takes ~1 ms) and leave the cores to the model.
+    runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", **(env_vars or {})}}
     deployment = serve.deployment(
         name=handler_cls.__name__,
         max_ongoing_requests=spec.max_ongoing_requests,
@@ -86,6 +115,8 @@ def build_root_app(models: list[ServedModel], env_vars: dict[str, str] | None = 
     api = install_error_handlers(FastAPI(title="tunefleet", description="Models served by this tunefleet server."))
     cards = ModelList(models=[m.card() for m in models]).model_dump()
     names = sorted(m.name for m in models)
+    # POST /v1/completions and /v1/chat/completions, forwarded to the named model's app.
+    install_openai_routes(api, models, {m.name for m in models if hasattr(HANDLERS.get(m.info.task), "openai_prepare")})
 
     @serve.ingress(api)
     class Root:

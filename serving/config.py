@@ -37,6 +37,9 @@ class ServeSpec(BaseModel):
     max_input_chars: int = Field(
         100_000, gt=0, description="A longer text answers 413; tokens past max_length are truncated anyway."
     )
+    max_image_bytes: int = Field(
+        10 * 1024 * 1024, gt=0, description="Image classification: a larger image file (decoded from base64 or uploaded) answers 413."
+    )
 
     @model_validator(mode="after")
     def _check_ranges(self) -> ServeSpec:

@@ -31,6 +31,10 @@ class ServingError(Exception):
         self.error = error
         self.detail = detail
 
+    def __reduce__(self):
+        # Picklable with its three fields, so one raised in a replica reaches a caller through Ray intact.
+        return (type(self), (self.status, self.error, self.detail))
+
 
 def error_response(status: int, error: str, detail: Any = None) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": error, "detail": detail})

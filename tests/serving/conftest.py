@@ -48,3 +48,22 @@ def build_tiny_export(export_dir: Path, name: str = "tiny-sentiment") -> Path:
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_export(tmp_path_factory.mktemp("export"))
+
+
+@pytest.fixture(scope="session")
+def minilm_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real MiniLM with a fresh 2-label head: slow enough on a CPU to keep requests in flight."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from training.layout import ExportInfo, write_export_info
+
+    export_dir = tmp_path_factory.mktemp("minilm-export")
+    model = AutoModelForSequenceClassification.from_pretrained(
+        minilm_path(), num_labels=2, id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)}
+    )
+    model.save_pretrained(export_dir, safe_serialization=True)
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(export_dir)
+    info = ExportInfo(name="minilm", task="text-classification", labels=LABELS, base_model="all-MiniLM-L6-v2",
+                      method="full", max_length=128)
+    write_export_info(export_dir, info)
+    return export_dir

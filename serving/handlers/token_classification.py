@@ -1,0 +1,230 @@
+"""Token classification (NER): raw text or pre-split words → entities with character offsets.
+
+Each word is tagged by its first sub-token, as training labelled it; adjacent words
+then join into entities as `transformers.pipeline(..., aggregation_strategy="simple")`
+joins them (B- starts an entity, I- of the same type continues it; BIOES's E-/S- close
+it), and the entity's text is the input's own slice, `text[start:end]`. Texts longer
+than the model's window are read in overlapping windows, each word taking the tag
+from the window where it sits farthest from an edge.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import torch
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+from serving.config import ServeSpec
+from serving.errors import ServingError
+from serving.handlers.base import TaskHandler
+from serving.handlers.registry import register_handler
+from serving.schemas import PredictResponse, Text
+from training.layout import ExportInfo
+
+
+class Words(BaseModel):
+    """Pre-split input: offsets then point into the words joined by single spaces."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tokens: list[Text] = Field(min_length=1, description='["Peter", "Blackburn", "said"]')
+
+
+def _kind(value: Any) -> str | None:
+    return {str: "Text", list: "List", dict: "Words", Words: "Words"}.get(type(value))
+
+
+NerInput = Annotated[
+    Union[Annotated[Text, Tag("Text")], Annotated[Words, Tag("Words")]],
+    Discriminator(_kind, custom_error_type="input_type",
+                  custom_error_message='each input must be a text or an object {"tokens": ["word", ...]}'),
+]
+NerInputs = Annotated[
+    Union[Annotated[Text, Tag("Text")], Annotated[Words, Tag("Words")], Annotated[list[NerInput], Tag("List")]],
+    Discriminator(_kind, custom_error_type="inputs_type",
+                  custom_error_message='inputs must be a text, {"tokens": [...]}, or a list of these'),
+]
+
+
+class TokenClassificationParameters(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    aggregation: Literal["simple", "none"] = Field(
+        "simple", description="simple: whole entities (B-/I- joined); none: one tag per word that is not O."
+    )
+    min_score: float = Field(0.0, ge=0, le=1, description="Leave out entities whose mean score is lower.")
+
+
+class TokenClassificationRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    inputs: NerInputs = Field(description='"a text", ["t1", "t2"] or {"tokens": ["Peter", "Blackburn"]}')
+    parameters: TokenClassificationParameters = Field(default_factory=TokenClassificationParameters)
+
+    @field_validator("inputs")
+    @classmethod
+    def _check_inputs(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("must hold at least one input")
+        return value
+
+    def input_list(self) -> list[str | Words]:
+        return list(self.inputs) if isinstance(self.inputs, list) else [self.inputs]
+
+
+class Entity(BaseModel):
+    entity: str = Field(description="Entity type (PER), or the word's tag (B-PER) with aggregation none.")
+    word: str = Field(description="The input's text from start to end.")
+    start: int
+    end: int
+    score: float
+    token_start: int | None = Field(None, description="Pre-split input: index of the first word.")
+    token_end: int | None = Field(None, description="Pre-split input: index after the last word.")
+
+
+class TokenClassificationResponse(PredictResponse):
+    predictions: list[list[Entity]] = Field(description="Per input, its entities in text order.")
+
+
+def _split(tag: str) -> tuple[str, str | None]:
+    """(prefix, type); a tag without a B-/I-/E-/S- prefix continues like I-, as the pipeline reads it."""
+    if tag == "O":
+        return "O", None
+    if len(tag) > 2 and tag[1] == "-" and tag[0] in "BIES":
+        return tag[0], tag[2:]
+    return "I", tag
+
+
+def group_entities(text: str, words: list[tuple[str, float, int, int]], pre_split: bool) -> list[dict[str, Any]]:
+    """Tagged words (tag, score, start, end) → entities, as the pipeline's "simple" strategy joins them."""
+    entities: list[dict[str, Any]] = []
+    current: list[int] = []
+
+    def close() -> None:
+        if current:
+            first, last = words[current[0]], words[current[-1]]
+            entity = {"entity": _split(first[0])[1], "word": text[first[2]:last[3]], "start": first[2], "end": last[3],
+                      "score": sum(words[i][1] for i in current) / len(current)}
+            if pre_split:
+                entity.update(token_start=current[0], token_end=current[-1] + 1)
+            entities.append(entity)
+            current.clear()
+
+    for index, (tag, _, _, _) in enumerate(words):
+        prefix, kind = _split(tag)
+        if prefix == "O":
+            close()
+            continue
+        if not (current and prefix in ("I", "E") and kind == _split(words[current[-1]][0])[1]):
+            close()
+        current.append(index)
+        if prefix in ("E", "S"):
+            close()
+    close()
+    return entities
+
+
+def _window(info: ExportInfo, tokenizer, model) -> int:
+    limits = [info.max_length, getattr(model.config, "max_position_embeddings", None)]
+    if (tokenizer.model_max_length or 0) < 1_000_000:  # transformers' "no limit" is a huge int
+        limits.append(tokenizer.model_max_length)
+    return min(n for n in limits if n) if any(limits) else 512
+
+
+@register_handler("token-classification")
+class TokenClassificationHandler(TaskHandler):
+    request_model = TokenClassificationRequest
+    response_model = TokenClassificationResponse
+
+    def __init__(self, info: ExportInfo, spec: ServeSpec, model, tokenizer, device: torch.device) -> None:
+        super().__init__(info, spec)
+        self.model, self.tokenizer, self.device = model, tokenizer, device
+        self.max_length = _window(info, tokenizer, model)
+        self.stride = max(1, min(64, self.max_length // 4))
+        self.labels = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
+
+    @classmethod
+    def load(cls, export_dir: Path, info: ExportInfo, spec: ServeSpec) -> TokenClassificationHandler:
+        torch.set_num_threads(spec.torch_threads)
+        device = torch.device("cuda" if spec.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+        tokenizer = AutoTokenizer.from_pretrained(export_dir, local_files_only=True)
+        model = AutoModelForTokenClassification.from_pretrained(export_dir, local_files_only=True)
+        return cls(info, spec, model.to(device).eval(), tokenizer, device)
+
+    def prepare(self, request: TokenClassificationRequest) -> list[str | list[str]]:
+        inputs = request.input_list()
+        limit = self.spec.max_inputs_per_request
+        if len(inputs) > limit:
+            raise ServingError(413, f"too many inputs: {len(inputs)} in one request, at most {limit}",
+                               {"max_inputs_per_request": limit})
+        items = [list(x.tokens) if isinstance(x, Words) else x for x in inputs]
+        for i, item in enumerate(items):
+            size = len(item) if isinstance(item, str) else sum(len(w) + 1 for w in item) - 1
+            if size > self.spec.max_input_chars:
+                raise ServingError(413, f"input {i} is too long: {size} characters, at most {self.spec.max_input_chars}",
+                                   {"max_input_chars": self.spec.max_input_chars})
+        return items
+
+    @torch.inference_mode()
+    def run_batch(self, items: list[str | list[str]]) -> list[dict[str, Any]]:
+        outputs: list[dict[str, Any] | None] = [None] * len(items)
+        for pre_split in (False, True):  # the tokenizer takes texts or word lists, not both at once
+            index = [i for i, item in enumerate(items) if isinstance(item, list) == pre_split]
+            if index:
+                for i, output in zip(index, self._tag_words([items[i] for i in index], pre_split)):
+                    outputs[i] = output
+        return outputs  # type: ignore[return-value]
+
+    def _tag_words(self, batch: list, pre_split: bool) -> list[dict[str, Any]]:
+        encoded = self.tokenizer(batch, is_split_into_words=pre_split, truncation=True, max_length=self.max_length,
+                                 stride=self.stride, return_overflowing_tokens=True, return_offsets_mapping=True,
+                                 padding=True, return_tensors="pt")
+        rows = encoded.pop("overflow_to_sample_mapping").tolist()
+        offsets = encoded.pop("offset_mapping").tolist()
+        probs = self.model(**encoded.to(self.device)).logits.float().softmax(-1)
+        scores, tags = (t.cpu().tolist() for t in probs.max(-1))
+        # Per input: word → [start, end, tag id, score, distance from the window's edge].
+        found: list[dict[int, list]] = [{} for _ in batch]
+        for row, sample in enumerate(rows):
+            word_ids = encoded.word_ids(row)
+            length = sum(w is not None for w in word_ids)
+            for position, word in enumerate(word_ids):
+                if word is None:
+                    continue
+                start, end = offsets[row][position]
+                edge = min(position, length - position)
+                entry = found[sample].get(word)
+                if entry is None:
+                    found[sample][word] = [start, end, tags[row][position], scores[row][position], edge]
+                    continue
+                entry[0], entry[1] = min(entry[0], start), max(entry[1], end)
+                first_subtoken = position == 0 or word_ids[position - 1] != word
+                if first_subtoken and edge > entry[4]:
+                    entry[2:] = [tags[row][position], scores[row][position], edge]
+        return [self._words(item, found[sample], pre_split) for sample, item in enumerate(batch)]
+
+    def _words(self, item: str | list[str], found: dict[int, list], pre_split: bool) -> dict[str, Any]:
+        if not pre_split:
+            words = [(self.labels[e[2]], e[3], e[0], e[1]) for _, e in sorted(found.items())]
+            return {"text": item, "words": words, "pre_split": False}
+        starts, position = [], 0
+        for word in item:  # offsets into the words joined by single spaces
+            starts.append(position)
+            position += len(word) + 1
+        words = [(self.labels[found[i][2]], found[i][3], starts[i], starts[i] + len(item[i])) if i in found
+                 else ("O", 1.0, starts[i], starts[i] + len(item[i])) for i in range(len(item))]
+        return {"text": " ".join(item), "words": words, "pre_split": True}
+
+    def format(self, output: dict[str, Any], request: TokenClassificationRequest) -> list[dict[str, Any]]:
+        parameters = request.parameters
+        text, words, pre_split = output["text"], output["words"], output["pre_split"]
+        if parameters.aggregation == "none":
+            entities = [{"entity": tag, "word": text[start:end], "start": start, "end": end, "score": score,
+                         **({"token_start": i, "token_end": i + 1} if pre_split else {})}
+                        for i, (tag, score, start, end) in enumerate(words) if tag != "O"]
+        else:
+            entities = group_entities(text, words, pre_split)
+        return [e for e in entities if e["score"] >= parameters.min_score]

@@ -1,0 +1,129 @@
+"""Serving without Ray: predict_local, the handler registry, request validation, model naming."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from serving import HANDLERS, ServeSpec, ServingError, predict_local, resolve_models
+from serving.handlers import load_handler
+from serving.handlers.registry import HandlerRegistry, UnknownTaskError
+from training.layout import ExportInfo, read_export_info, write_export_info
+
+LABELS = ["negative", "positive"]  # the tiny export's labels (conftest.py)
+
+
+def _assert_ranked(prediction: list[dict], k: int) -> None:
+    assert len(prediction) == k
+    assert [p["label"] for p in prediction] == [p["label"] for p in prediction if p["label"] in LABELS]
+    scores = [p["score"] for p in prediction]
+    assert scores == sorted(scores, reverse=True)
+    assert all(0 <= s <= 1 for s in scores) and sum(scores) <= 1 + 1e-6
+
+
+def test_single_text_gives_one_prediction_with_the_top_label(tiny_export: Path) -> None:
+    predictions = predict_local(tiny_export, "a wonderful film")
+    assert len(predictions) == 1
+    _assert_ranked(predictions[0], 1)
+
+
+def test_batch_pairs_and_top_k(tiny_export: Path) -> None:
+    everything = predict_local(tiny_export, ["good", "bad", {"text": "a", "text_pair": "b"}], top_k=None)
+    assert len(everything) == 3
+    for prediction in everything:
+        _assert_ranked(prediction, 2)
+        assert sum(p["score"] for p in prediction) == pytest.approx(1, abs=1e-5)
+    assert len(predict_local(tiny_export, ["good"], top_k=5)[0]) == 2  # more than there are: all
+    # A run directory works too (its export/ is found), and agrees with the export itself.
+    run_dir = tiny_export.parent / "run"
+    if not run_dir.exists():
+        shutil.copytree(tiny_export, run_dir / "export")
+    assert predict_local(run_dir, "good", top_k=None) == predict_local(tiny_export, "good", top_k=None)
+
+
+def test_batched_and_single_scores_agree(tiny_export: Path) -> None:
+    handler = load_handler(tiny_export)
+    texts = ["short", "a much longer text that needs padding in a batch with the short one", "mid length text"]
+    batched = handler.run_batch([(t, None) for t in texts])
+    for text, scores in zip(texts, batched):
+        (alone,) = handler.run_batch([(text, None)])
+        assert [label for label, _ in alone] == [label for label, _ in scores]
+        assert [s for _, s in alone] == pytest.approx([s for _, s in scores], abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "top_k", "status", "message"),
+    [
+        ("", 1, 422, "inputs: must be a non-empty text"),
+        ([], 1, 422, "at least one input"),
+        ([1], 1, 422, "inputs[0]: each input must be a text"),
+        (5, 1, 422, "inputs must be a text, a list of texts"),
+        ([{"text": "a"}], 1, 422, "inputs[0].text_pair: Field required"),
+        (["ok", "  "], 1, 422, "inputs[1]: must be a non-empty text"),
+        ("fine", 0, 422, "parameters.top_k"),
+        (["x" * 100_001], 1, 413, "too long"),
+    ],
+)
+def test_bad_inputs_raise_the_http_status_they_would_answer(tiny_export, inputs, top_k, status, message) -> None:
+    with pytest.raises(ServingError) as caught:
+        predict_local(tiny_export, inputs, top_k=top_k)
+    assert caught.value.status == status
+    assert message in caught.value.error
+
+
+def test_too_many_inputs_is_413(tiny_export: Path) -> None:
+    with pytest.raises(ServingError) as caught:
+        predict_local(tiny_export, ["a", "b", "c"], spec=ServeSpec(max_inputs_per_request=2))
+    assert caught.value.status == 413 and "too many inputs: 3" in caught.value.error
+
+
+def test_resolve_models_names_every_problem(tiny_export: Path, tmp_path: Path) -> None:
+    (model,) = resolve_models([tiny_export])
+    assert model.name == "tiny-sentiment" and model.route_prefix == "/v1/models/tiny-sentiment"
+    assert len(model.version) == 12 and model.card().labels == LABELS
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_export, other)
+    info = read_export_info(other)
+    write_export_info(other, ExportInfo(**{**info.model_dump(), "task": "speech-recognition"}))
+    with pytest.raises(ValueError) as caught:
+        resolve_models([tiny_export, other])
+    message = str(caught.value)
+    assert "'tiny-sentiment' is used twice" in message
+    assert "task 'speech-recognition' has no serving handler" in message and "text-classification" in message
+
+    with pytest.raises(ValueError, match="must be letters, digits"):
+        resolve_models([tiny_export], names=["bad/name"])
+    with pytest.raises(ValueError, match="2 names for 1 export"):
+        resolve_models([tiny_export], names=["a", "b"])
+    with pytest.raises(FileNotFoundError, match="tunefleet.json"):
+        resolve_models([tmp_path])
+
+
+def test_handler_registry_rejects_duplicates_and_lists_known_tasks() -> None:
+    assert "text-classification" in HANDLERS.names()
+    registry = HandlerRegistry()
+    registry.register("x", HANDLERS.get("text-classification"))
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register("x", HANDLERS.get("text-classification"))
+    with pytest.raises(UnknownTaskError, match="servable tasks: x"):
+        registry.get("y")
+
+
+def test_serve_spec_cross_field_rules() -> None:
+    with pytest.raises(ValueError) as caught:
+        ServeSpec(max_batch_size=64, max_ongoing_requests=64, min_replicas=3, max_replicas=2)
+    assert "max_ongoing_requests (64) must be > max_batch_size (64)" in str(caught.value)
+    assert "min_replicas (3) must be <= max_replicas (2)" in str(caught.value)
+    assert ServeSpec(num_cpus=0.5).torch_threads == 1 and ServeSpec(num_cpus=2).torch_threads == 2
+
+
+def test_reading_the_serve_spec_does_not_import_torch_or_ray() -> None:
+    code = "import sys; from serving.config import ServeSpec; print('torch' in sys.modules or 'ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip() == "False"

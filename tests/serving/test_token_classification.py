@@ -1,0 +1,83 @@
+"""The NER handler: words → entities as the pipeline's "simple" strategy joins them, offsets into the input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from serving.errors import ServingError
+from serving.handlers import load_handler, parse_request
+from serving.handlers.token_classification import group_entities
+
+LABELS = ["O", "B-LOC", "B-PER", "I-PER"]
+
+
+def build_tagging_export(export_dir: Path, tag: str, max_length: int = 16) -> Path:
+    """A tiny BERT token classifier (MiniLM tokenizer) that tags every sub-token `tag`, whatever it reads."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForTokenClassification
+
+    from testdata import minilm_path
+    from training.layout import ExportInfo, write_export_info
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=37, max_position_embeddings=128, num_labels=len(LABELS),
+                        id2label=dict(enumerate(LABELS)), label2id={t: i for i, t in enumerate(LABELS)})
+    model = BertForTokenClassification(config)
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.tensor([5.0 if t == tag else 0.0 for t in LABELS]))
+    model.save_pretrained(export_dir, safe_serialization=True)
+    tokenizer.save_pretrained(export_dir)
+    write_export_info(export_dir, ExportInfo(name="tagger", task="token-classification", labels=LABELS,
+                                             base_model="tiny-bert", method="full", max_length=max_length))
+    return export_dir
+
+
+def _predict(handler, inputs, **parameters):
+    return handler.predict(parse_request(handler, {"inputs": inputs, "parameters": parameters}))
+
+
+def test_grouping_follows_simple_strategy_and_bioes():
+    text = "Mr Peter Blackburn met Anna in Paris"
+    spans = [(0, 2), (3, 8), (9, 18), (19, 22), (23, 27), (28, 30), (31, 36)]
+    tags = ["O", "B-PER", "I-PER", "O", "I-PER", "O", "B-LOC"]
+    words = [(t, 0.5 + i / 20, s, e) for i, (t, (s, e)) in enumerate(zip(tags, spans))]
+    entities = group_entities(text, words, pre_split=False)
+    assert [(e["entity"], e["word"], e["start"], e["end"]) for e in entities] == [
+        ("PER", "Peter Blackburn", 3, 18), ("PER", "Anna", 23, 27), ("LOC", "Paris", 31, 36)]
+    assert entities[0]["score"] == pytest.approx((0.55 + 0.6) / 2)
+    # B- always starts a new entity; a type change too; BIOES's S-/E- close one.
+    adjacent = [("B-PER", 1.0, 0, 1), ("B-PER", 1.0, 2, 3), ("I-LOC", 1.0, 4, 5), ("S-PER", 1.0, 6, 7),
+                ("B-ORG", 1.0, 8, 9), ("E-ORG", 1.0, 10, 11), ("I-ORG", 1.0, 12, 13)]
+    grouped = group_entities("a b c d e f g", adjacent, pre_split=True)
+    assert [(e["entity"], e["token_start"], e["token_end"]) for e in grouped] == [
+        ("PER", 0, 1), ("PER", 1, 2), ("LOC", 2, 3), ("PER", 3, 4), ("ORG", 4, 6), ("ORG", 6, 7)]
+
+
+def test_offsets_point_into_the_input_across_windows(tmp_path):
+    handler = load_handler(build_tagging_export(tmp_path / "b", "B-PER"))
+    text = "  Peter   Blackburn's visit to Strasbourg,\tyesterday " + " ".join(f"w{i}" for i in range(40))
+    [words] = _predict(handler, text, aggregation="none")
+    # Every word the tokenizer splits off is tagged once, however many 16-token windows the text takes.
+    expected = ["Peter", "Blackburn", "'", "s", "visit", "to", "Strasbourg", ",", "yesterday"] + [f"w{i}" for i in range(40)]
+    assert [w["word"] for w in words] == expected
+    assert all(text[w["start"]:w["end"]] == w["word"] and w["entity"] == "B-PER" for w in words)
+
+    [[whole]] = _predict(load_handler(build_tagging_export(tmp_path / "i", "I-PER")), text)
+    assert (whole["start"], whole["end"], whole["word"]) == (2, len(text), text.strip())
+
+    [[first, second]] = _predict(handler, {"tokens": ["Peter", "Blackburn"]})
+    assert first == {**first, "entity": "PER", "word": "Peter", "start": 0, "end": 5, "token_start": 0, "token_end": 1}
+    assert (second["word"], second["start"], second["end"]) == ("Blackburn", 6, 15)
+    assert _predict(handler, "Peter", min_score=0.999) == [[]]
+
+
+def test_bad_requests_answer_4xx(tmp_path):
+    handler = load_handler(build_tagging_export(tmp_path / "b", "B-PER"))
+    for inputs, status in (("", 422), ([], 422), ({"tokens": []}, 422), ([["a", "b"]], 422), (["x"] * 300, 413)):
+        with pytest.raises(ServingError) as err:
+            _predict(handler, inputs)
+        assert err.value.status == status, inputs
