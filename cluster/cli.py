@@ -9,10 +9,10 @@ import sys
 # Quiet library progress bars on the command line; tunefleet prints its own progress.
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
-from cluster.commands import docs, job, model
+from cluster.commands import docs, job, jobs, k8s, model
 from cluster.spec import JobSpecError
 
-COMMAND_GROUPS = [job, model, docs]
+COMMAND_GROUPS = [job, model, jobs, k8s, docs]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ nothing else from training.
 
     <storage>/<job name>/<run id>/
       job.yaml  metrics.jsonl  checkpoints/  export/  report/
+      tracking.json  mlflow.db  mlartifacts/  tensorboard/     (experiment tracking)
 """
 
 from __future__ import annotations
@@ -19,8 +20,16 @@ from pydantic import BaseModel, ConfigDict, Field
 JOB_FILE = "job.yaml"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
+BEST_CHECKPOINT_FILE = "best.json"  # in checkpoints/: the exported checkpoint and its metric
 EXPORT_DIR = "export"
 REPORT_DIR = "report"
+
+# Experiment tracking (training/tracking.py): which MLflow run this run directory logs to,
+# the default local MLflow store and its artifacts, TensorBoard event files.
+TRACKING_FILE = "tracking.json"
+MLFLOW_DB = "mlflow.db"
+MLFLOW_ARTIFACTS_DIR = "mlartifacts"
+TENSORBOARD_DIR = "tensorboard"
 
 EXPORT_INFO_FILE = "tunefleet.json"
 REPORT_METRICS_FILE = "metrics.json"
@@ -37,6 +46,9 @@ CHECKPOINT_MANIFEST = "manifest.json"
 MODEL_WEIGHTS = "model.safetensors"
 OPTIMIZER_STATE = "optimizer.pt"
 TRAINER_STATE = "trainer_state.pt"
+# DeepSpeed runs: engine.save_checkpoint(<checkpoint>, tag=ZERO_TAG) puts every rank's ZeRO files
+# (zero_pp_rank_<r>_mp_rank_00_{model,optim}_states.pt, mp_rank_00_model_states.pt) in <checkpoint>/zero/.
+ZERO_TAG = "zero"
 
 EXPORT_FORMAT_VERSION = 1
 
