@@ -420,6 +420,8 @@ def _cross_field_problems(spec: Any) -> list[Problem]:
     train = spec.train
     if train is not None and isinstance(train.class_weights, list) and any(w <= 0 for w in train.class_weights):
         problems.append(Problem(path="train.class_weights", message="every weight must be > 0", value=train.class_weights))
+    if spec.scale is not None and spec.method is not None:
+        problems.extend(Problem(path=p, message=m, value=v) for p, m, v in deepspeed_problems(spec))
     return problems
 
 

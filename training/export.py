@@ -6,9 +6,12 @@ config, safetensors weights (never pickles), tokenizer or image processor.
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 from typing import Any
+
+from safetensors import safe_open
 
 from training.checkpoint import load_model_weights, read_manifest
 from training.layout import ExportInfo, write_export_info
@@ -18,12 +21,14 @@ from training.tasks import TASKS
 
 
 def export_checkpoint(checkpoint_dir: Path, spec: Any, export_dir: Path, source_run: str | None = None,
-                      merge: bool = False) -> Path:
-    """Write `export_dir` from one complete checkpoint; replaces an earlier export atomically.
+                      merge: bool = False, checkpoint_uri: str | None = None) -> Path:
+    """Write `export_dir` from one complete checkpoint (on local disk); replaces an earlier export atomically.
 
     Parameter-efficient methods write the adapter alone (PEFT: adapter_config.json +
     adapter_model.safetensors) with the base named in tunefleet.json; `merge` folds a
-    LoRA / IA3 adapter into the base and writes a plain model instead.
+    LoRA / IA3 adapter into the base and writes a plain model instead. A ZeRO checkpoint
+    is consolidated from every rank's partition into the rebuilt model, one tensor at a
+    time. An export whose weights files hold no tensors (or empty ones) is refused.
     """
     manifest = read_manifest(checkpoint_dir)
     labels = manifest["labels"]
@@ -47,6 +52,7 @@ def export_checkpoint(checkpoint_dir: Path, spec: Any, export_dir: Path, source_
         processor.save_pretrained(staging)
     else:
         task.save_export(model, processor, staging)
+    _refuse_empty_weights(staging)
     write_export_info(staging, ExportInfo(
         name=spec.name,
         task=spec.task,
@@ -60,8 +66,19 @@ def export_checkpoint(checkpoint_dir: Path, spec: Any, export_dir: Path, source_
         max_length=spec.data.max_length,
         metrics=manifest["metrics"],
         source_run=source_run,
-        checkpoint=str(checkpoint_dir),
+        checkpoint=checkpoint_uri or str(checkpoint_dir),
     ))
     shutil.rmtree(export_dir, ignore_errors=True)
     staging.rename(export_dir)
     return export_dir
+
+
+def _refuse_empty_weights(directory: Path) -> None:
+    """The failure peers ship silently: an adapter saved under ZeRO-3 without gathering holds 0-element tensors."""
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as weights:
+            shapes = {name: weights.get_slice(name).get_shape() for name in weights.keys()}
+        empty = [name for name, shape in shapes.items() if math.prod(shape) == 0]
+        if not shapes or empty:
+            raise ValueError(f"{path.name} holds {'no tensors' if not shapes else f'empty tensors {empty[:3]}'}; "
+                             "the export would load as an untrained model. Re-export from a complete checkpoint.")

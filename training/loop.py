@@ -2,17 +2,21 @@
 
 One explicit loop for every task: AdamW with a warmup schedule, gradient
 accumulation, autocast on GPU, evaluation every epoch or every N steps,
-early stopping, and a checkpoint shard per rank at each evaluation.
+early stopping, and a checkpoint shard per rank at each evaluation. The model
+is wrapped once: DDP, or with `scale.deepspeed` a DeepSpeed ZeRO engine
+(training/deepspeed_engine.py) that owns backward, clipping and the optimizer step.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import ray.train
 import ray.train.torch
@@ -20,24 +24,30 @@ import torch
 import torch.distributed as dist
 from transformers import get_scheduler
 
+from training import deepspeed_engine
 from training.batching import batches_per_epoch, epoch_batches, evaluation_batches
-from training.checkpoint import TrainState, load_shard, save_shard
-from training.layout import METRICS_FILE
+from training.checkpoint import (
+    TrainState, load_model_weights, newest_complete, plan_resume, restore, save_shard,
+)
+from training.layout import CHECKPOINTS_DIR, METRICS_FILE
 from training.losses import class_weights_for, count_targets
 from training.methods import METHODS, count_parameters
 from training.model_builder import build_training_model
 from training.optim import parameter_groups
+from training.storage import StorageDir
 from training.tasks import TASKS, selection_metric
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     spec = config["spec"]
     prepared = config["data"]
-    run_dir = Path(config["run_dir"])
+    storage: StorageDir = config["storage"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     task = TASKS.get(spec.task)
     method = METHODS.get(spec.method.name)
+    zero = spec.scale.deepspeed  # None: plain DDP
+    zero_stage = deepspeed_engine.zero_stage(zero) if zero is not None else None
 
     # ---- setup -------------------------------------------------------------
     # Ray sets OMP_NUM_THREADS to the worker's CPUs (1 unless asked): use what the worker reserved.
@@ -48,8 +58,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     trainable, total = count_parameters(model)
     if trainable == 0:
         print(f"WARNING: method {spec.method.name} leaves no trainable parameters; the model will not change")
-    model = ray.train.torch.prepare_model(model) if world > 1 else model.to(device)
-    bare = model.module if hasattr(model, "module") else model
     processor = task.build_processor(spec)
     collate, collate_eval = task.build_collator(processor, True), task.build_collator(processor, False)
     train_rows, validation_rows = _rows(prepared.train), _rows(prepared.validation)
@@ -60,35 +68,66 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     accumulation = t.gradient_accumulation_steps
     per_epoch = -(-batches_per_epoch(len(train_rows), t.batch_size, world) // accumulation)
     total_steps = t.max_steps or t.epochs * per_epoch
-    epochs = -(-total_steps // per_epoch)
     options = spec.method_options()
     optimizer = torch.optim.AdamW(
-        parameter_groups(bare, t.learning_rate, t.weight_decay, t.layer_lr_decay, include_frozen=method.schedule is not None),
+        parameter_groups(model, t.learning_rate, t.weight_decay, t.layer_lr_decay, include_frozen=method.schedule is not None),
         lr=t.learning_rate,
     )
-    scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=int(t.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
+
+    def make_scheduler(optimizer):
+        return get_scheduler(t.scheduler, optimizer, num_warmup_steps=int(t.warmup_ratio * total_steps),
+                             num_training_steps=total_steps)
+
     weights = class_weights_for(t.class_weights, prepared.label_counts)
     loss_fn = task.build_loss(weights, t.label_smoothing, device)
     amp_dtype = _autocast_dtype(t.precision, device)
-    scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
     metric_name, higher_is_better = selection_metric(spec)
 
-    state = TrainState()
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state = load_shard(Path(directory), rank, world, bare, optimizer, scheduler)
-        print(f"[rank {rank}] resumed at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
-    log = _MetricsLog(run_dir / METRICS_FILE, rank == 0, keep_until_step=state.step)
+    # Resume: weights go in before DDP / DeepSpeed wraps (and ZeRO-3 partitions) the model, unless
+    # DeepSpeed restores its own partitions; then optimizer, schedule, RNG and data position.
+    state, engine, input_dtype, plan = TrainState(), None, None, None
+    with _resume_directory(ray.train.get_checkpoint(), storage.child(CHECKPOINTS_DIR)) as resume_dir:
+        if resume_dir is not None:
+            plan = plan_resume(Path(resume_dir), world, zero_stage)
+            if plan.weights_first:
+                load_model_weights(plan.directory, model)
+        if zero is not None:
+            engine = deepspeed_engine.initialize(
+                model.to(device), optimizer, make_scheduler,
+                deepspeed_engine.build_config(zero, t, amp_dtype, on_cuda=device.type == "cuda"))
+            model, optimizer, scheduler = engine, engine.optimizer, engine.lr_scheduler
+            amp_dtype, input_dtype = None, deepspeed_engine.input_dtype(engine)  # DeepSpeed casts the model itself
+        else:
+            model = ray.train.torch.prepare_model(model) if world > 1 else model.to(device)
+            scheduler = make_scheduler(optimizer)
+        if plan is not None:
+            state = restore(plan, rank, world, optimizer, scheduler, engine)
+            print(f"[rank {rank}] resumed at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch}); "
+                  f"optimizer {plan.optimizer}: {plan.reason}")
+            if not t.max_steps and plan.manifest["world_size"] != world:  # epochs are counted in new-sized steps
+                batches = batches_per_epoch(len(train_rows), t.batch_size, world)
+                total_steps = (state.step + -(-(batches - state.batch_in_epoch) // accumulation)
+                               + (t.epochs - state.epoch - 1) * per_epoch)
+    bare = model.module if hasattr(model, "module") else model
+    scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
+    log = _MetricsLog(storage, rank == 0, keep_until_step=state.step)
+    if plan is not None and rank == 0:
+        log.write({"event": "resume", "step": state.step, "from_world_size": plan.manifest["world_size"],
+                   "world_size": world, "optimizer": plan.optimizer, "reason": plan.reason})
     if rank == 0:
         log.write({"event": "start", "step": state.step, "trainable_parameters": trainable,
-                   "total_parameters": total, "world_size": world, "total_steps": total_steps})
+                   "total_parameters": total, "world_size": world, "total_steps": total_steps,
+                   "deepspeed": None if zero is None else {"stage": zero_stage}})
+
+    def forward(batch: dict) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            return _logits(model(**batch))
 
     def evaluate_and_checkpoint() -> bool:
         """Evaluate on every rank's share, checkpoint, and say whether to stop early."""
-        metrics = _evaluate(model, validation_rows, validation_lengths, collate_eval, loss_fn, task, prepared.labels,
-                            t.batch_size * 2, world, rank, device, amp_dtype)
+        metrics = _evaluate(model, forward, validation_rows, validation_lengths, collate_eval, loss_fn, task,
+                            prepared.labels, t.batch_size * 2, world, rank, device, input_dtype,
+                            lockstep=zero_stage == 3)
         value = metrics[metric_name]
         improved = state.best_metric is None or (value > state.best_metric if higher_is_better else value < state.best_metric)
         if improved:
@@ -98,10 +137,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         scalar = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         reported = {**scalar, "step": state.step, "epoch": state.epoch}
         log.write({"event": "eval", **reported})
+        log.flush()
         with tempfile.TemporaryDirectory(prefix="tunefleet-ckpt-") as directory:
             details = {k: v for k, v in metrics.items() if k not in scalar}
             save_shard(Path(directory), rank, world, bare, optimizer, scheduler, state, reported,
-                       extra={"labels": prepared.labels, "details": details})
+                       extra={"labels": prepared.labels, "details": details}, engine=engine, zero_stage=zero_stage)
             ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(directory))
         patience = t.early_stopping_patience
         return patience is not None and state.evals_without_improvement >= patience
@@ -112,7 +152,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if method.schedule and method.schedule(bare, options, state.step, state.epoch):
             trainable_now, _ = count_parameters(bare)
             log.write({"event": "unfreeze", "step": state.step, "epoch": state.epoch, "trainable_parameters": trainable_now})
-            if world > 1:
+            if world > 1 and engine is None:
                 model = ray.train.torch.prepare_model(bare)
 
     # ---- train -------------------------------------------------------------
@@ -121,29 +161,36 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model.train()
     stop = state.step >= total_steps
     window_loss, window_samples, window_start = 0.0, 0, time.perf_counter()
-    last_eval_step = state.step if checkpoint is not None else -1
-    while not stop and state.epoch < epochs:
-        plan = epoch_batches(train_lengths, t.batch_size, world, rank, t.seed, state.epoch, t.group_by_length)
-        for index in range(state.batch_in_epoch, len(plan)):
-            batch = _to_device(collate([train_rows[i] for i in plan[index]]), device)
+    last_eval_step = state.step if plan is not None else -1
+    # max_steps: as many epochs as the steps take (a resume on another worker count shifts epochs).
+    while not stop and (t.max_steps is not None or state.epoch < t.epochs):
+        plan_of_batches = epoch_batches(train_lengths, t.batch_size, world, rank, t.seed, state.epoch, t.group_by_length)
+        for index in range(state.batch_in_epoch, len(plan_of_batches)):
+            batch = _to_device(collate([train_rows[i] for i in plan_of_batches[index]]), device, input_dtype)
             labels = batch.pop("labels")
-            boundary = (index + 1) % accumulation == 0 or index + 1 == len(plan)
-            sync = _no_sync(model) if not boundary else _nullcontext()
-            with sync, torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                loss = loss_fn(_logits(model(**batch)), labels)
-            scaler.scale(loss / accumulation).backward()
+            boundary = (index + 1) % accumulation == 0 or index + 1 == len(plan_of_batches)
+            if engine is not None:
+                engine.set_gradient_accumulation_boundary(boundary)
+                loss = loss_fn(forward(batch).float(), labels)
+                engine.backward(loss)  # scaled by 1/accumulation; reduced across ranks at the boundary
+                engine.step()  # at the boundary: clip, AdamW and LR schedule; else nothing
+            else:
+                with _no_sync(model) if not boundary else nullcontext():
+                    loss = loss_fn(forward(batch), labels)
+                    scaler.scale(loss / accumulation).backward()
             window_loss += loss.item() * len(labels)
             window_samples += len(labels)
             state.batch_in_epoch = index + 1
             if not boundary:
                 continue
-            if t.max_grad_norm:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(bare.parameters(), t.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            if engine is None:
+                if t.max_grad_norm:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(bare.parameters(), t.max_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
             state.step += 1
             follow_schedule()
             progress.update(1)
@@ -161,7 +208,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 stop = True
             if stop:
                 break
-        if not stop or state.batch_in_epoch >= len(plan):
+        if not stop or state.batch_in_epoch >= len(plan_of_batches):
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             follow_schedule()
         if t.eval_every_steps is None and last_eval_step != state.step:
@@ -172,6 +219,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     progress.close()
     if rank == 0:
         log.write({"event": "end", "step": state.step})
+    log.close()
+
+
+@contextmanager
+def _resume_directory(checkpoint, checkpoints: StorageDir) -> Iterator[Path | None]:
+    """The checkpoint to continue from, on local disk: Ray's latest registered one; if Ray has none, the
+    newest complete one on the run's storage (workers that died right after saving, before Ray's
+    controller registered the report, or a run directory whose Ray state was lost)."""
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            yield Path(directory)
+        return
+    newest = newest_complete(checkpoints)
+    if newest is None:
+        yield None
+        return
+    print(f"resuming from {newest[0].uri}: the newest complete checkpoint on storage")
+    with newest[0].as_local() as directory:
+        yield directory
 
 
 def _rows(table) -> list[dict]:
@@ -189,20 +255,14 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.float16
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+def _to_device(batch: dict, device: torch.device, floating: torch.dtype | None = None) -> dict:
+    """Tensors to the device; floating inputs (pixel values) to the model's dtype under bf16/fp16 DeepSpeed."""
+    return {k: v.to(device, dtype=floating if floating is not None and v.is_floating_point() else None,
+                    non_blocking=True) for k, v in batch.items()}
 
 
 def _no_sync(model):
-    return model.no_sync() if hasattr(model, "no_sync") else _nullcontext()
+    return model.no_sync() if hasattr(model, "no_sync") else nullcontext()
 
 
 def _mean_across_ranks(loss_sum: float, count: int, world: int) -> tuple[float, int]:
@@ -218,16 +278,24 @@ def _logits(outputs) -> torch.Tensor:
     return outputs.logits if hasattr(outputs, "logits") else outputs
 
 
-@torch.inference_mode()
-def _evaluate(model, rows, lengths, collate, loss_fn, task, labels, batch_size, world, rank, device, amp_dtype):
-    """Every rank evaluates its share; all ranks then hold the same metrics (so they stop together)."""
+@torch.no_grad()  # not inference_mode: ZeRO-3 gathers parameters that training later reuses
+def _evaluate(model, forward, rows, lengths, collate, loss_fn, task, labels, batch_size, world, rank, device,
+              input_dtype, lockstep=False):
+    """Every rank evaluates its share; all ranks then hold the same metrics (so they stop together).
+
+    lockstep (ZeRO-3): every forward gathers parameters from all ranks, so a rank with one batch
+    fewer runs a last forward whose outputs it discards."""
     model.eval()
     predictions, references, loss_sum, targets = [], [], 0.0, 0
-    for indices in evaluation_batches(lengths, batch_size, world, rank):
-        batch = _to_device(collate([rows[i] for i in indices]), device)
+    mine = evaluation_batches(lengths, batch_size, world, rank)
+    most = -(-(-(-len(rows) // world)) // batch_size)
+    padding = [mine[-1] if mine else [0]] * (most - len(mine)) if lockstep else []
+    for number, indices in enumerate(mine + padding):
+        batch = _to_device(collate([rows[i] for i in indices]), device, input_dtype)
         gold = batch.pop("labels")
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = _logits(model(**batch)).float()
+        logits = forward(batch).float()
+        if number >= len(mine):
+            continue
         count = count_targets(gold)
         loss_sum += loss_fn(logits, gold).item() * count
         targets += count
@@ -246,14 +314,24 @@ def _evaluate(model, rows, lengths, collate, loss_fn, task, labels, batch_size, 
 
 
 class _MetricsLog:
-    """metrics.jsonl on rank 0; a resumed run drops lines past its checkpoint so the curve joins."""
+    """metrics.jsonl on rank 0; a resumed run drops lines past its checkpoint so the curve joins.
 
-    def __init__(self, path: Path, enabled: bool, keep_until_step: int) -> None:
-        self.path, self.enabled = path, enabled
-        if enabled and path.exists():
-            kept = [line for line in path.read_text().splitlines()
+    Written on local disk (the run directory itself when storage is local) and uploaded whole at
+    every checkpoint and at the end: object stores cannot append."""
+
+    def __init__(self, storage: StorageDir, enabled: bool, keep_until_step: int) -> None:
+        self.storage, self.enabled = storage, enabled
+        if not enabled:
+            return
+        self.staging = storage.local_path or Path(tempfile.mkdtemp(prefix="tunefleet-metrics-"))
+        self.staging.mkdir(parents=True, exist_ok=True)
+        self.path = self.staging / METRICS_FILE
+        if storage.local_path is None and storage.exists(METRICS_FILE):
+            storage.download(METRICS_FILE, self.path)
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= keep_until_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            self.path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -261,6 +339,15 @@ class _MetricsLog:
         record = {**record, "time": time.time()}
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
+
+    def flush(self) -> None:
+        if self.enabled and self.storage.local_path is None:
+            self.storage.upload(self.path, METRICS_FILE)
+
+    def close(self) -> None:
+        self.flush()
+        if self.enabled and self.storage.local_path is None:
+            shutil.rmtree(self.staging, ignore_errors=True)
 
 
 def _progress(rank: int, total: int, initial: int, name: str):

@@ -1,7 +1,8 @@
 """Turn a validated job spec into a Ray Train run, then export and report the best checkpoint.
 
-The caller (cluster) connects to or starts Ray first. Data is prepared here, on
-the driver, before any worker starts: a missing column costs no cluster time.
+The caller (cluster) connects to or starts Ray first and resolves `output.storage`
+into a StorageDir (local path, shared volume, s3://, gs://). Data is prepared here,
+on the driver, before any worker starts: a missing column costs no cluster time.
 """
 
 from __future__ import annotations
@@ -17,19 +18,20 @@ import yaml
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from training.checkpoint import IncompleteCheckpointError, read_manifest
+from training.checkpoint import IncompleteCheckpointError, complete_checkpoints
 from training.export import export_checkpoint
-from training.layout import CHECKPOINTS_DIR, EXPORT_DIR, JOB_FILE, REPORT_DIR
+from training.layout import BEST_CHECKPOINT_FILE, CHECKPOINTS_DIR, EXPORT_DIR, JOB_FILE, METRICS_FILE, REPORT_DIR
 from training.loop import train_loop_per_worker
 from training.report import write_report
+from training.storage import StorageDir, as_storage
 from training.tasks import TASKS, selection_metric
 
 
 @dataclass(frozen=True)
 class RunResult:
-    run_dir: Path
-    export_dir: Path
-    best_checkpoint: Path
+    run_dir: str  # a local path or a storage URI
+    export_dir: str
+    best_checkpoint: str  # its directory name under checkpoints/
     metrics: dict[str, Any]
 
 
@@ -41,21 +43,22 @@ def run_dir_for(spec: Any, run_id: str) -> Path:
     return Path(spec.output.storage) / spec.name / run_id
 
 
-def run_training(spec: Any, run_id: str) -> RunResult:
-    """Train (resuming when the run directory already holds checkpoints), export, report."""
-    run_dir = run_dir_for(spec, run_id)
+def run_training(spec: Any, run_id: str, storage: StorageDir | None = None) -> RunResult:
+    """Train (resuming when the run directory already holds checkpoints), export, report.
+
+    `storage` is where `output.storage` points (cluster/storage.py resolves URIs); None: a local path."""
+    run = (storage or StorageDir.local(spec.output.storage)).child(spec.name, run_id)
     task = TASKS.get(spec.task)
     prepared = task.prepare(spec)
     print(f"data: {json.dumps(prepared.summary())}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / JOB_FILE).write_text(yaml.safe_dump(spec.dump(), sort_keys=False))
+    run.write_text(JOB_FILE, yaml.safe_dump(spec.dump(), sort_keys=False))
 
     use_gpu = _use_gpu(spec.scale.use_gpu, spec.scale.workers)
     cpus = spec.scale.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // spec.scale.workers)
     metric, higher_is_better = selection_metric(spec)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec, "data": prepared, "run_dir": str(run_dir), "cpus_per_worker": cpus},
+        train_loop_config={"spec": spec, "data": prepared, "storage": run, "cpus_per_worker": cpus},
         scaling_config=ScalingConfig(
             num_workers=spec.scale.workers,
             use_gpu=use_gpu,
@@ -64,7 +67,8 @@ def run_training(spec: Any, run_id: str) -> RunResult:
         run_config=RunConfig(
             # Ray Train keeps its checkpoints in <storage_path>/<name>/: the run's checkpoints/ directory.
             name=CHECKPOINTS_DIR,
-            storage_path=str(run_dir),
+            storage_path=run.path,
+            storage_filesystem=None if run.local_path is not None else run.filesystem,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=spec.output.keep_checkpoints,
                 checkpoint_score_attribute=metric,
@@ -74,35 +78,69 @@ def run_training(spec: Any, run_id: str) -> RunResult:
         ),
     )
     result = trainer.fit()
-    best = best_checkpoint(run_dir / CHECKPOINTS_DIR, metric, higher_is_better)
-    export_dir = export_checkpoint(best, spec, run_dir / EXPORT_DIR, source_run=str(run_dir))
-    manifest = read_manifest(best)
-    (run_dir / REPORT_DIR).mkdir(parents=True, exist_ok=True)
-    extras = task.report_extras(spec, export_dir, run_dir / REPORT_DIR, manifest) if task.report_extras else {}
-    write_report(run_dir, run_dir / REPORT_DIR, manifest, str(best), extras)
-    (run_dir / CHECKPOINTS_DIR / "best.json").write_text(json.dumps({"checkpoint": best.name, metric: manifest["metrics"][metric]}) + "\n")
+    checkpoints = run.child(CHECKPOINTS_DIR)
+    remove_leftover_checkpoints(checkpoints, result)
     del result
-    return RunResult(run_dir=run_dir, export_dir=export_dir, best_checkpoint=best, metrics=manifest["metrics"])
+    best, manifest = best_checkpoint(checkpoints, metric, higher_is_better)
+    export = export_and_report(run, best, manifest, spec)
+    best_record = {"checkpoint": best.name, metric: manifest["metrics"][metric]}
+    checkpoints.write_text(BEST_CHECKPOINT_FILE, json.dumps(best_record) + "\n")
+    return RunResult(run_dir=run.uri, export_dir=export.uri, best_checkpoint=best.name, metrics=manifest["metrics"])
 
 
-def complete_checkpoints(checkpoints_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
-    """Every finished checkpoint (manifest and all shards present), oldest first."""
-    found = []
-    for directory in sorted(Path(checkpoints_dir).glob("checkpoint_*")):
-        try:
-            found.append((directory, read_manifest(directory)))
-        except IncompleteCheckpointError:
-            continue
-    return found
+def export_and_report(run: StorageDir, best: StorageDir, manifest: dict[str, Any], spec: Any) -> StorageDir:
+    """export/ and report/ from the best checkpoint, written on local disk and uploaded to the run's storage."""
+    task = TASKS.get(spec.task)
+    with run.staging() as staging, best.as_local() as checkpoint:
+        export_dir = export_checkpoint(checkpoint, spec, staging / EXPORT_DIR, source_run=run.uri, checkpoint_uri=best.uri)
+        if run.local_path is None and run.exists(METRICS_FILE):
+            run.download(METRICS_FILE, staging / METRICS_FILE)
+        report_dir = staging / REPORT_DIR
+        report_dir.mkdir(parents=True, exist_ok=True)
+        extras = task.report_extras(spec, export_dir, report_dir, manifest) if task.report_extras else {}
+        write_report(staging, report_dir, manifest, best.uri, extras)
+        run.upload(export_dir, EXPORT_DIR)
+        run.upload(report_dir, REPORT_DIR)
+    return run.child(EXPORT_DIR)
 
 
-def best_checkpoint(checkpoints_dir: Path, metric: str, higher_is_better: bool) -> Path:
+def export_run(run: StorageDir, spec: Any) -> StorageDir:
+    """Re-export a run's best complete checkpoint to its export/ (the run may live on S3 or GCS)."""
+    best, _ = best_checkpoint(run.child(CHECKPOINTS_DIR), *selection_metric(spec))
+    with run.staging() as staging, best.as_local() as checkpoint:
+        export_dir = export_checkpoint(checkpoint, spec, staging / EXPORT_DIR, source_run=run.uri, checkpoint_uri=best.uri)
+        run.upload(export_dir, EXPORT_DIR)
+    return run.child(EXPORT_DIR)
+
+
+def remove_leftover_checkpoints(checkpoints: StorageDir, result) -> None:
+    """Ray deletes what it registered beyond the best k (it keeps the latest too). Left over from an
+    interrupted attempt: unfinished writes, and writes that workers outliving a killed driver finished
+    (complete, but never registered: not resumed from, not deleted by Ray)."""
+    registered = [c for c, _ in (result.best_checkpoints or [])] + ([result.checkpoint] if result.checkpoint else [])
+    kept = {c.path.rstrip("/").rsplit("/", 1)[-1] for c in registered}
+    leftovers = incomplete_checkpoints(checkpoints)
+    if kept:
+        leftovers += [d for d, _ in complete_checkpoints(checkpoints) if d.name not in kept]
+    for directory in leftovers:
+        print(f"removing checkpoint {directory.uri}: left over from an interrupted attempt")
+        directory.delete()
+
+
+def incomplete_checkpoints(checkpoints_dir: "Path | StorageDir") -> list[StorageDir]:
+    complete = {d.path for d, _ in complete_checkpoints(checkpoints_dir)}
+    return [d for d in as_storage(checkpoints_dir).list_dirs()
+            if d.name.startswith("checkpoint_") and d.path not in complete]
+
+
+def best_checkpoint(checkpoints_dir: "Path | StorageDir", metric: str, higher_is_better: bool) -> tuple[StorageDir, dict]:
+    """(checkpoint directory, manifest) of the best complete checkpoint."""
     candidates = complete_checkpoints(checkpoints_dir)
     if not candidates:
-        raise IncompleteCheckpointError(f"{checkpoints_dir}: no complete checkpoint to export")
+        raise IncompleteCheckpointError(f"{as_storage(checkpoints_dir).uri}: no complete checkpoint to export")
     sign = 1 if higher_is_better else -1
     # Best metric; among equals the later step wins.
-    return max(candidates, key=lambda item: (sign * item[1]["metrics"][metric], item[1]["step"]))[0]
+    return max(candidates, key=lambda item: (sign * item[1]["metrics"][metric], item[1]["step"]))
 
 
 def _use_gpu(setting: str | bool, workers: int) -> bool:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-from cluster.spec import JobSpecError, Problem, load_job
+from cluster.spec import JobSpecError, Problem, load_job, validate_job
 
 
 def add_job_arguments(sub) -> None:
@@ -40,31 +39,51 @@ def _validate(args) -> int:
     return 0
 
 
+def _storage(uri: str, source: str):
+    from cluster.storage import StorageError, check_writable, resolve_storage
+
+    try:
+        storage = resolve_storage(uri)
+        check_writable(storage)
+    except StorageError as err:
+        raise JobSpecError([Problem(path="output.storage", message=str(err).removeprefix("output.storage: "), value=uri)],
+                           source) from None
+    return storage
+
+
 def _train(args) -> int:
     from cluster.runtime import ray_session
     from training.data.tables import DataError
     from training.run import new_run_id, run_training
 
     spec = load_job(args.job, args.overrides)
+    storage = _storage(spec.output.storage, args.job)
     run_id = args.run_id or new_run_id()
     try:
         with ray_session(args.address):
-            result = run_training(spec, run_id)
+            result = run_training(spec, run_id, storage)
     except DataError as err:
         raise _data_problems(err, args.job) from None
-    print(json.dumps({"run_dir": str(result.run_dir), "export": str(result.export_dir),
-                      "best_checkpoint": result.best_checkpoint.name, "metrics": result.metrics}, indent=2))
+    print(json.dumps({"run_dir": result.run_dir, "export": result.export_dir,
+                      "best_checkpoint": result.best_checkpoint, "metrics": result.metrics}, indent=2))
     return 0
 
 
 def _export(args) -> int:
-    from training.export import export_checkpoint
-    from training.layout import CHECKPOINTS_DIR, EXPORT_DIR, JOB_FILE
-    from training.run import best_checkpoint
-    from training.tasks import selection_metric
+    """RUN_DIR: a local run directory or its storage URI (s3://bucket/prefix/<job>/<run id>)."""
+    import yaml
 
-    run_dir = Path(args.run_dir)
-    spec = load_job(run_dir / JOB_FILE, check_data=False)
-    best = best_checkpoint(run_dir / CHECKPOINTS_DIR, *selection_metric(spec))
-    print(export_checkpoint(best, spec, run_dir / EXPORT_DIR, source_run=str(run_dir)))
+    from cluster.storage import StorageError, resolve_storage
+    from training.layout import JOB_FILE
+    from training.run import export_run
+
+    try:
+        run = resolve_storage(args.run_dir)
+        if not run.exists(JOB_FILE):
+            raise StorageError(f"{run.uri}: no {JOB_FILE}; pass a run directory (<storage>/<job name>/<run id>)")
+        data = yaml.safe_load(run.read_text(JOB_FILE))
+    except (StorageError, OSError) as err:
+        raise JobSpecError([Problem(path="run_dir", message=str(err), value=args.run_dir)], "export") from None
+    spec = validate_job(data, source=f"{run.uri}/{JOB_FILE}", check_data=False)
+    print(export_run(run, spec).uri)
     return 0

@@ -1,0 +1,43 @@
+"""A checkpoint counts only when its manifest lists every file at the size it was written; the newest
+complete checkpoint is what a restart continues from."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import get_scheduler
+
+from training.checkpoint import IncompleteCheckpointError, TrainState, newest_complete, read_manifest, save_shard
+from training.run import complete_checkpoints, incomplete_checkpoints
+
+
+def _save(directory, step):
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 4)).sum().backward()
+    optimizer.step()
+    save_shard(directory, 0, 1, model, optimizer, get_scheduler("constant", optimizer), TrainState(step=step),
+               {"accuracy": 0.5}, extra={"labels": ["a", "b"]})
+
+
+def test_manifest_lists_every_file_with_its_size(tmp_path):
+    _save(tmp_path / "checkpoint_1", 3)
+    manifest = read_manifest(tmp_path / "checkpoint_1")
+    assert set(manifest["files"]) == {"rank_00000/model.safetensors", "rank_00000/optimizer.pt",
+                                      "rank_00000/trainer_state.pt"}
+    assert manifest["weights"] == "safetensors" and manifest["deepspeed"] is None
+
+
+def test_cut_short_or_missing_files_make_a_checkpoint_incomplete(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        _save(checkpoints / f"checkpoint_{step}", step)
+    optimizer = checkpoints / "checkpoint_3" / "rank_00000" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])  # an upload cut short
+    (checkpoints / "checkpoint_2" / "manifest.json").unlink()  # the writer died before the manifest
+    with pytest.raises(IncompleteCheckpointError, match="cut short"):
+        read_manifest(checkpoints / "checkpoint_3")
+    assert [m["step"] for _, m in complete_checkpoints(checkpoints)] == [1]
+    assert sorted(d.name for d in incomplete_checkpoints(checkpoints)) == ["checkpoint_2", "checkpoint_3"]
+    directory, manifest = newest_complete(checkpoints)
+    assert directory.name == "checkpoint_1" and manifest["step"] == 1
