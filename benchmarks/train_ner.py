@@ -177,7 +177,7 @@ def main() -> None:
         print("RESULT " + json.dumps(result), flush=True)
         return
 
-    results = {}
+    results, load = {}, {"start": os.getloadavg()}
     for side in ("tunefleet", "hf"):  # one after the other, never both at once
         command = [sys.executable, __file__, "--only", side] + [
             a for a in sys.argv[1:] if a not in ("--only", side)]
@@ -187,6 +187,7 @@ def main() -> None:
         if done.returncode != 0 or line is None:
             raise SystemExit(f"{side} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
         results[side] = json.loads(line[len("RESULT "):])
+        load[f"after_{side}"] = os.getloadavg()  # a shared machine: samples/s only compare at like load
 
     tf, hf = results["tunefleet"], results["hf"]
     print(f"\n{'':24}{'tunefleet':>12}{'HF Trainer':>12}")
@@ -199,7 +200,7 @@ def main() -> None:
     args.out.write_text(json.dumps({
         "benchmark": "MiniLM (all-MiniLM-L6-v2) NER on CoNLL-2003, evaluated on the full test set",
         "hyperparameters": _hyper(args), "tunefleet": tf, "hf_trainer": hf, "f1_difference_points": delta,
-        "machine": f"{os.cpu_count()} CPUs", "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": f"{os.cpu_count()} CPUs", "load_average_1_5_15_min": load, "date": time.strftime("%Y-%m-%d %H:%M"),
     }, indent=2) + "\n")
     print(f"wrote {args.out}")
 

@@ -9,8 +9,9 @@ deepspeed.initialize, fp32) for a warmup step and `--steps` timed steps on synth
 saves a checkpoint with training/checkpoint.save_shard (every rank writes its ZeRO files) and
 restores it (plan_resume + restore). Per worker it records:
 
-- state_bytes: every live torch tensor in the worker after a step (model, gradients, optimizer
-  moments, DeepSpeed's flat buffers), deduplicated by storage: model + optimizer state;
+- state_bytes: every live torch tensor in the worker (model, gradients, optimizer moments,
+  DeepSpeed's flat buffers), deduplicated by storage, the larger of after-backward and after-step:
+  model + gradient + optimizer state;
 - rss_mb after a step and peak_rss_mb (ru_maxrss) of the worker process (includes ~1 GB of
   Python / torch / transformers / DeepSpeed code);
 - samples/s across both workers; checkpoint save and restore seconds; bytes written per rank.
@@ -97,23 +98,27 @@ def worker(config: dict) -> None:
     torch.manual_seed(rank)
     baseline_rss = _rss_mb()
     model = BertForSequenceClassification.from_pretrained(config["model_dir"])
-    options = SimpleNamespace(config=None, offload_optimizer=False, offload_params=False, **config["zero"])
+    options = SimpleNamespace(**{"config": None, "offload_optimizer": False, "offload_params": False, **config["zero"]})
     train = SimpleNamespace(batch_size=config["batch"], gradient_accumulation_steps=1, max_grad_norm=1.0)
     optimizer = torch.optim.AdamW(parameter_groups(model, 1e-4, 0.01), lr=1e-4)
     engine = deepspeed_engine.initialize(model, optimizer, lambda o: get_scheduler("constant", o),
                                          deepspeed_engine.build_config(options, train, None, on_cuda=False))
     generator = torch.Generator().manual_seed(rank)
 
-    def step() -> None:
+    def step(measure: bool = False) -> int:
         batch = torch.randint(1000, 30000, (config["batch"], config["seq"]), generator=generator)
         labels = torch.randint(0, 2, (config["batch"],), generator=generator)
         engine.set_gradient_accumulation_boundary(True)
         loss = torch.nn.functional.cross_entropy(engine(input_ids=batch).logits.float(), labels)
         engine.backward(loss)
+        with_gradients = _live_tensor_bytes() if measure else 0  # gradients (or their partitions) alive
         engine.step()
+        return with_gradients
 
     step()  # warmup: optimizer state is allocated at the first step
-    state_bytes, rss_after_step = _live_tensor_bytes(), _rss_mb()
+    # Model + gradients + optimizer state: the larger of "after backward" and "after the step".
+    state_bytes = max(step(measure=True), _live_tensor_bytes())
+    rss_after_step = _rss_mb()
     dist.barrier()
     start = time.perf_counter()
     for _ in range(config["steps"]):

@@ -39,6 +39,8 @@ import torch
 
 from training.layout import ZERO_TAG
 
+BUCKET_ELEMENTS = 50_000_000
+
 # Keys of a raw DeepSpeed config that tunefleet fills from the job's `train` section.
 _FROM_TRAIN = {
     "train_micro_batch_size_per_gpu": lambda t: t.batch_size,
@@ -95,6 +97,11 @@ def build_config(options: Any, train: Any, precision: torch.dtype | None, on_cud
             config["bf16"] = {"enabled": True}
         elif precision == torch.float16:
             config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+        # DeepSpeed's default buckets hold 5e8 elements (2 GB in fp32), and ZeRO-3 allocates its reduce
+        # bucket up front: more than a 100M-parameter model's whole partition. 5e7 elements keep the
+        # communication batched at a tenth of that memory.
+        for key in ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size"):
+            zero.setdefault(key, BUCKET_ELEMENTS)
     config.pop("train_batch_size", None)
     for key, from_train in _FROM_TRAIN.items():
         config[key] = from_train(train)

@@ -65,8 +65,11 @@ def test_job_maps_onto_a_deepspeed_config(job):
     spec = validate_job(job({"stage": 3, "offload_optimizer": True, "offload_params": True},
                             gradient_accumulation_steps=4, max_grad_norm=0.5), check_data=False)
     config = build_config(spec.scale.deepspeed, spec.train, torch.bfloat16, on_cuda=False)
-    assert config["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": False},
-                                           "offload_param": {"device": "cpu", "pin_memory": False}}
+    zero = config["zero_optimization"]
+    assert {k: zero[k] for k in ("stage", "offload_optimizer", "offload_param")} == {
+        "stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": False},
+        "offload_param": {"device": "cpu", "pin_memory": False}}
+    assert zero["reduce_bucket_size"] <= 5e7  # DeepSpeed's 5e8 default is 2 GB of fp32 ZeRO-3 allocates up front
     assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"],
             config["gradient_clipping"]) == (8, 4, 0.5)
     assert config["bf16"] == {"enabled": True} and "fp16" not in config
