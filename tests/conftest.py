@@ -99,3 +99,14 @@ def tiny_vit(tmp_path_factory) -> Path:
     ViTForImageClassification(config).save_pretrained(directory)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One private Ray in this process for every test that needs one (its own temp dir; stops with the
+    session). Ray allows one `ray.init` per process, so tests share this rather than start their own."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # inherited by the Ray workers started below
+    from cluster.runtime import ray_session
+
+    with ray_session(num_cpus=2):
+        yield

@@ -61,16 +61,6 @@ def final_eval(metrics: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
-def local_ray():
-    """A private Ray in this process (its own temp dir; stops with the session)."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # inherited by the Ray workers started below
-    from cluster.runtime import ray_session
-
-    with ray_session(num_cpus=2):
-        yield
-
-
-@pytest.fixture(scope="session")
 def deepspeed_ops():
     """DeepSpeed JIT-compiles its shared-memory comm op at the first initialize (~2-4 min on 2 cores, once
     per machine: cached in ~/.cache/torch_extensions). Build it here, once, not in two workers at a time."""

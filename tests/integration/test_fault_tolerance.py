@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from tests.integration.scale_jobs import (  # noqa: F401  (fixtures)
-    JOB_NAME, TOTAL_STEPS, deepspeed_ops, final_eval, fit, job_data, local_ray, losses, records, reference,
+    JOB_NAME, TOTAL_STEPS, deepspeed_ops, final_eval, fit, job_data, losses, records, reference,
 )
 from training.checkpoint import IncompleteCheckpointError, read_manifest
 from training.run import complete_checkpoints

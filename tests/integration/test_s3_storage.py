@@ -12,7 +12,7 @@ import sys
 import pyarrow.fs as pafs
 import pytest
 
-from tests.integration.scale_jobs import JOB_NAME, fit, job_data, local_ray  # noqa: F401  (fixture)
+from tests.integration.scale_jobs import JOB_NAME, fit, job_data
 from tests.integration.seaweed import ACCESS_KEY, SECRET_KEY, seaweed_s3
 
 pytestmark = pytest.mark.integration

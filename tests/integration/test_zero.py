@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.integration.scale_jobs import (  # noqa: F401  (fixtures)
-    JOB_NAME, TOTAL_STEPS, deepspeed_ops, final_eval, fit, job_data, local_ray, losses, records, reference,
+    JOB_NAME, TOTAL_STEPS, deepspeed_ops, final_eval, fit, job_data, losses, records, reference,
 )
 from training.run import complete_checkpoints
 

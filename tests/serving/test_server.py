@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
 import socket
-import tempfile
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -26,12 +24,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_export: Path, minilm_export: Path) -> Iterator:
-    ray = pytest.importorskip("ray")
+def server(local_ray, tiny_export: Path, minilm_export: Path) -> Iterator:
     from serving import ServeSpec, start_server
 
-    temp_dir = tempfile.mkdtemp(prefix="tfr-", dir="/tmp")  # short: Ray's socket paths are length-limited
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
     settings = ServeSpec(min_replicas=1, max_replicas=1, num_cpus=1, max_inputs_per_request=8,
                          max_input_chars=2000, graceful_shutdown_timeout_s=30)
     # Two model apps behind one port; MiniLM is slow enough on a CPU to keep requests in flight.
@@ -40,8 +35,6 @@ def server(tiny_export: Path, minilm_export: Path) -> Iterator:
         yield running
     finally:
         running.shutdown()
-        ray.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
