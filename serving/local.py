@@ -9,19 +9,24 @@ from serving.config import ServeSpec
 from serving.handlers import load_handler, parse_request
 
 
+_DEFAULT: Any = object()  # top_k not given: the task's own default (token classification has no top_k)
+
+
 def predict_local(
     export_dir: str | Path,
     inputs: Any,
-    top_k: int | None = 1,
+    top_k: int | None = _DEFAULT,
     parameters: dict[str, Any] | None = None,
     spec: ServeSpec | None = None,
 ) -> list[Any]:
     """One prediction per input, exactly as `POST /v1/models/{name}/predict` returns them.
 
     `inputs` takes the HTTP body's forms ("a text", ["t1", "t2"],
-    [{"text": ..., "text_pair": ...}]); `top_k=None` returns every label.
+    [{"text": ..., "text_pair": ...}]); `top_k=None` returns every label, and leaving it out
+    keeps the task's default (1 for classification; tasks without labels to rank take none).
     Bad input raises `ServingError` (its `.status` and message match the HTTP answer).
     """
     handler = load_handler(export_dir, spec)
-    request = parse_request(handler, {"inputs": inputs, "parameters": {"top_k": top_k, **(parameters or {})}})
+    given = {} if top_k is _DEFAULT else {"top_k": top_k}
+    request = parse_request(handler, {"inputs": inputs, "parameters": {**given, **(parameters or {})}})
     return handler.predict(request)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 import json
+from pathlib import Path
 
 
 def register(commands) -> None:
     predict = commands.add_parser("predict", help="predict with an export, without a server; prints JSON")
     predict.add_argument("export_dir", help="export directory (or a run directory holding export/)")
-    predict.add_argument("inputs", nargs="+", help="texts; 'first ||| second' gives a sentence pair")
-    predict.add_argument("--top-k", type=int, default=1)
+    predict.add_argument("inputs", nargs="+",
+                         help="texts ('first ||| second' gives a sentence pair), or image files for an image model")
+    predict.add_argument("--top-k", type=int, default=None, help="labels per input (default: the task's default)")
     predict.set_defaults(handler=_predict)
 
     serve = commands.add_parser("serve", help="serve exports over HTTP with Ray Serve until SIGINT/SIGTERM")
@@ -24,9 +27,20 @@ def register(commands) -> None:
 def _predict(args) -> int:
     from serving import predict_local
 
-    inputs = [{"text": t.split("|||")[0].strip(), "text_pair": t.split("|||")[1].strip()} if "|||" in t else t for t in args.inputs]
-    print(json.dumps(predict_local(args.export_dir, inputs, top_k=args.top_k), indent=2))
+    if _is_image_export(args.export_dir):
+        inputs = [base64.b64encode(Path(name).read_bytes()).decode() for name in args.inputs]
+    else:
+        inputs = [{"text": t.split("|||")[0].strip(), "text_pair": t.split("|||")[1].strip()} if "|||" in t else t
+                  for t in args.inputs]
+    given = {} if args.top_k is None else {"top_k": args.top_k}
+    print(json.dumps(predict_local(args.export_dir, inputs, **given), indent=2))
     return 0
+
+
+def _is_image_export(export_dir: str) -> bool:
+    from training.layout import read_export_info, resolve_export_dir
+
+    return read_export_info(resolve_export_dir(export_dir)).task == "image-classification"
 
 
 def _serve(args) -> int:

@@ -114,3 +114,15 @@ def test_uploads_use_the_same_steps(torchvision_export):
         with pytest.raises(ServingError) as caught:
             handler.prepare_upload(files, parameters)
         assert caught.value.status == status
+
+
+def test_predict_command_reads_image_files(torchvision_export, tmp_path, capsys):
+    import json
+
+    from cluster.cli import main
+
+    picture = tmp_path / "red.png"
+    picture.write_bytes(_png())
+    assert main(["predict", str(torchvision_export), str(picture), "--top-k", "2"]) == 0
+    ranked = json.loads(capsys.readouterr().out)
+    assert len(ranked) == 1 and len(ranked[0]) == 2 and {p["label"] for p in ranked[0]} <= set(LABELS)

@@ -81,3 +81,15 @@ def test_bad_requests_answer_4xx(tmp_path):
         with pytest.raises(ServingError) as err:
             _predict(handler, inputs)
         assert err.value.status == status, inputs
+
+
+def test_predict_command_on_an_ner_export_prints_entities(tmp_path, capsys):
+    """`tunefleet predict` sends no top_k unless asked: token classification has none to take."""
+    import json
+
+    from cluster.cli import main
+
+    export = build_tagging_export(tmp_path / "export", "B-PER")
+    assert main(["predict", str(export), "Peter met Anna"]) == 0
+    entities = json.loads(capsys.readouterr().out)[0]
+    assert [(e["entity"], e["word"]) for e in entities] == [("PER", "Peter"), ("PER", "met"), ("PER", "Anna")]
