@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import sys
 from pathlib import Path
 
 
@@ -27,13 +29,15 @@ def register(commands) -> None:
 def _predict(args) -> int:
     from serving import predict_local
 
-    if _is_image_export(args.export_dir):
+    if _is_image_export(args.export_dir):  # image files → base64, as an HTTP client sends them
         inputs = [base64.b64encode(Path(name).read_bytes()).decode() for name in args.inputs]
     else:
         inputs = [{"text": t.split("|||")[0].strip(), "text_pair": t.split("|||")[1].strip()} if "|||" in t else t
                   for t in args.inputs]
     given = {} if args.top_k is None else {"top_k": args.top_k}
-    print(json.dumps(predict_local(args.export_dir, inputs, **given), indent=2))
+    with contextlib.redirect_stdout(sys.stderr):  # libraries' log lines (DeepSpeed's) must not corrupt the JSON
+        predictions = predict_local(args.export_dir, inputs, **given)
+    print(json.dumps(predictions, indent=2))
     return 0
 
 

@@ -90,6 +90,7 @@ def test_predict_command_on_an_ner_export_prints_entities(tmp_path, capsys):
     from cluster.cli import main
 
     export = build_tagging_export(tmp_path / "export", "B-PER")
+    capsys.readouterr()
     assert main(["predict", str(export), "Peter met Anna"]) == 0
     entities = json.loads(capsys.readouterr().out)[0]
     assert [(e["entity"], e["word"]) for e in entities] == [("PER", "Peter"), ("PER", "met"), ("PER", "Anna")]
