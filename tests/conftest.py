@@ -105,8 +105,25 @@ def tiny_vit(tmp_path_factory) -> Path:
 def local_ray():
     """One private Ray in this process for every test that needs one (its own temp dir; stops with the
     session). Ray allows one `ray.init` per process, so tests share this rather than start their own."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # inherited by the Ray workers started below
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # inherited by the Ray workers started below
     from cluster.runtime import ray_session
 
     with ray_session(num_cpus=2):
         yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run only where CUDA is (they are the paths CI, CPU-only, cannot take)."""
+    if not any(item.get_closest_marker("gpu") for item in items):
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (pytest -m gpu on a GPU machine)")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)
