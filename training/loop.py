@@ -36,6 +36,7 @@ from training.model_builder import build_training_model
 from training.optim import parameter_groups
 from training.storage import StorageDir
 from training.tasks import TASKS, selection_metric
+from training.tracking import ExperimentTracker, TrackingError, open_tracker
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -110,7 +111,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                + (t.epochs - state.epoch - 1) * per_epoch)
     bare = model.module if hasattr(model, "module") else model
     scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
-    log = _MetricsLog(storage, rank == 0, keep_until_step=state.step)
+    tracker = _rank0_tracker(spec, storage, config.get("mlflow_tracking_uri"), state.step) if rank == 0 else None
+    log = _MetricsLog(storage, rank == 0, keep_until_step=state.step, tracker=tracker)
     if plan is not None and rank == 0:
         log.write({"event": "resume", "step": state.step, "from_world_size": plan.manifest["world_size"],
                    "world_size": world, "optimizer": plan.optimizer, "reason": plan.reason})
@@ -313,14 +315,27 @@ def _evaluate(model, forward, rows, lengths, collate, loss_fn, task, labels, bat
     return {**task.compute_metrics(all_predictions, all_references, labels, eval_loss), "eval_loss": eval_loss}
 
 
+def _rank0_tracker(spec: Any, storage: StorageDir, driver_uri: str | None, step: int) -> ExperimentTracker | None:
+    """The driver's MLflow run, rejoined (tracking.json); TensorBoard drops an earlier attempt's events past `step`."""
+    if driver_uri:  # the driver's $MLFLOW_TRACKING_URI: this worker may run on a node without it
+        os.environ["MLFLOW_TRACKING_URI"] = driver_uri
+    try:
+        return open_tracker(spec, storage, resume_step=step)
+    except TrackingError as err:  # the driver checked it; a server gone since costs the metrics, not the run
+        print(f"WARNING: experiment tracking is off for this worker: {err}")
+        return None
+
+
 class _MetricsLog:
-    """metrics.jsonl on rank 0; a resumed run drops lines past its checkpoint so the curve joins.
+    """metrics.jsonl on rank 0, each record also sent to the experiment tracker; a resumed run drops
+    lines past its checkpoint so the curve joins.
 
     Written on local disk (the run directory itself when storage is local) and uploaded whole at
     every checkpoint and at the end: object stores cannot append."""
 
-    def __init__(self, storage: StorageDir, enabled: bool, keep_until_step: int) -> None:
-        self.storage, self.enabled = storage, enabled
+    def __init__(self, storage: StorageDir, enabled: bool, keep_until_step: int,
+                 tracker: ExperimentTracker | None = None) -> None:
+        self.storage, self.enabled, self.tracker = storage, enabled, tracker
         if not enabled:
             return
         self.staging = storage.local_path or Path(tempfile.mkdtemp(prefix="tunefleet-metrics-"))
@@ -339,6 +354,8 @@ class _MetricsLog:
         record = {**record, "time": time.time()}
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
+        if self.tracker is not None:
+            self.tracker.log_record(record)
 
     def flush(self) -> None:
         if self.enabled and self.storage.local_path is None:
@@ -346,6 +363,8 @@ class _MetricsLog:
 
     def close(self) -> None:
         self.flush()
+        if self.tracker is not None:
+            self.tracker.close()  # the driver ends the MLflow run after export and report
         if self.enabled and self.storage.local_path is None:
             shutil.rmtree(self.staging, ignore_errors=True)
 

@@ -2,12 +2,14 @@
 
 The caller (cluster) connects to or starts Ray first and resolves `output.storage`
 into a StorageDir (local path, shared volume, s3://, gs://). Data is prepared here,
-on the driver, before any worker starts: a missing column costs no cluster time.
+on the driver, before any worker starts: a missing column costs no cluster time; so
+is the experiment tracker opened (an unreachable tracking server stops the run here).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ from training.loop import train_loop_per_worker
 from training.report import write_report
 from training.storage import StorageDir, as_storage
 from training.tasks import TASKS, selection_metric
+from training.tracking import open_tracker
 
 
 @dataclass(frozen=True)
@@ -52,13 +55,26 @@ def run_training(spec: Any, run_id: str, storage: StorageDir | None = None) -> R
     prepared = task.prepare(spec)
     print(f"data: {json.dumps(prepared.summary())}")
     run.write_text(JOB_FILE, yaml.safe_dump(spec.dump(), sort_keys=False))
+    tracker = open_tracker(spec, run)  # TrackingError before any worker starts; logs the job's parameters
+    try:
+        result = _train_export_report(spec, run, prepared)
+    except BaseException as err:
+        tracker.close("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
+    tracker.finish(run.child(EXPORT_DIR), run.child(REPORT_DIR), result.metrics,
+                   log_export=spec.output.tracking.log_export)
+    return result
 
+
+def _train_export_report(spec: Any, run: StorageDir, prepared: Any) -> RunResult:
     use_gpu = _use_gpu(spec.scale.use_gpu, spec.scale.workers)
     cpus = spec.scale.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // spec.scale.workers)
     metric, higher_is_better = selection_metric(spec)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec, "data": prepared, "storage": run, "cpus_per_worker": cpus},
+        train_loop_config={"spec": spec, "data": prepared, "storage": run, "cpus_per_worker": cpus,
+                           # rank 0 joins the driver's MLflow run (workers on a remote cluster lack the driver's env)
+                           "mlflow_tracking_uri": os.environ.get("MLFLOW_TRACKING_URI")},
         scaling_config=ScalingConfig(
             num_workers=spec.scale.workers,
             use_gpu=use_gpu,

@@ -55,6 +55,7 @@ def _train(args) -> int:
     from cluster.runtime import ray_session
     from training.data.tables import DataError
     from training.run import new_run_id, run_training
+    from training.tracking import TrackingError
 
     spec = load_job(args.job, args.overrides)
     storage = _storage(spec.output.storage, args.job)
@@ -64,6 +65,8 @@ def _train(args) -> int:
             result = run_training(spec, run_id, storage)
     except DataError as err:
         raise _data_problems(err, args.job) from None
+    except TrackingError as err:  # raised before any worker starts
+        raise JobSpecError([Problem(path="output.tracking", message=str(err))], args.job) from None
     print(json.dumps({"run_dir": result.run_dir, "export": result.export_dir,
                       "best_checkpoint": result.best_checkpoint, "metrics": result.metrics}, indent=2))
     return 0

@@ -189,11 +189,7 @@ def test_remote_run_directory_uploads_tensorboard(tmp_path, monkeypatch, capsys)
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
 
 
-_WIRED = "open_tracker" in (Path(__file__).resolve().parents[2] / "training" / "run.py").read_text()
-
-
 @pytest.mark.integration
-@pytest.mark.skipif(not _WIRED, reason="training/run.py and loop.py do not call training.tracking yet")
 def test_training_run_logs_to_the_server(tmp_path, mlflow_server, tiny_text_model, sentiment_tsv):
     """`tunefleet train` with MLFLOW_TRACKING_URI: parameters, every metric, report and export on the server."""
     import json
@@ -205,8 +201,8 @@ def test_training_run_logs_to_the_server(tmp_path, mlflow_server, tiny_text_mode
     job = {"name": "tracked", "task": "text-classification", "model": str(tiny_text_model),
            "data": {"train": str(train), "validation": str(dev), "columns": {"text": "sentence", "label": "label"},
                     "max_length": 32},
-           "train": {"max_steps": 20, "batch_size": 8, "learning_rate": 3.0e-3, "eval_every_steps": 10,
-                     "log_every_steps": 5},
+           "train": {"max_steps": 60, "batch_size": 8, "learning_rate": 3.0e-3, "warmup_ratio": 0.0,
+                     "eval_every_steps": 30, "log_every_steps": 5, "seed": 7},
            "scale": {"workers": 1, "cpus_per_worker": 1}, "output": {"storage": str(tmp_path / "runs")}}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     env = {**os.environ, "MLFLOW_TRACKING_URI": url, "TUNEFLEET_NO_PROGRESS": "1"}
@@ -218,14 +214,43 @@ def test_training_run_logs_to_the_server(tmp_path, mlflow_server, tiny_text_mode
 
     client = mlflow.tracking.MlflowClient(url)
     run = client.get_run(run_id)
-    assert run.info.status == "FINISHED" and run.data.params["train.max_steps"] == "20"
+    assert run.info.status == "FINISHED" and run.data.params["train.max_steps"] == "60"
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train_steps = [r["step"] for r in logged if r["event"] == "train"]
-    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == train_steps  # every metric
-    assert len(client.get_metric_history(run_id, "eval/accuracy")) == len([r for r in logged if r["event"] == "eval"])
+    losses = client.get_metric_history(run_id, "train/loss")
+    assert [m.step for m in losses] == train_steps  # every metric, at its step
+    assert [m.value for m in losses] == pytest.approx([r["loss"] for r in logged if r["event"] == "train"])
+    assert losses[-1].value < losses[0].value  # the run trained, and the server saw it
+    accuracy = client.get_metric_history(run_id, "eval/accuracy")
+    assert len(accuracy) == len([r for r in logged if r["event"] == "eval"]) == 2
+    assert accuracy[-1].value > accuracy[0].value and run.data.metrics["best/accuracy"] == accuracy[-1].value
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"job.yaml", "metrics.jsonl", "report", "export"} <= artifacts
     assert "export/model.safetensors" in {a.path for a in client.list_artifacts(run_id, "export")}
     assert "report/loss_curve.png" in {a.path for a in client.list_artifacts(run_id, "report")}
-    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == train_steps
     assert not (run_dir / "mlflow.db").exists()  # the server, not the local default store
+
+
+@pytest.mark.integration
+def test_training_with_unreachable_server_stops_before_workers(tmp_path, tiny_text_model, sentiment_tsv):
+    """`tunefleet train` against a dead tracking server: one error naming the fix, exit 2, no checkpoint."""
+    import yaml
+
+    train, dev = sentiment_tsv
+    dead = f"http://127.0.0.1:{_free_port()}"
+    job = {"name": "untracked", "task": "text-classification", "model": str(tiny_text_model),
+           "data": {"train": str(train), "validation": str(dev), "columns": {"text": "sentence", "label": "label"}},
+           "train": {"max_steps": 2}, "scale": {"workers": 1, "cpus_per_worker": 1},
+           "output": {"storage": str(tmp_path / "runs"), "tracking": {"mlflow_uri": dead}}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    done = subprocess.run([sys.executable, "-m", "cluster.cli", "train", str(tmp_path / "job.yaml"), "--run-id", "t1"],
+                          capture_output=True, text=True, env={**os.environ, "TUNEFLEET_NO_PROGRESS": "1"}, timeout=300)
+    assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"output.tracking: the MLflow tracking server at {dead} does not answer" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "runs" / "untracked" / "t1" / "checkpoints").exists()
