@@ -13,22 +13,27 @@ batches can fill.
 """
 
 import asyncio
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from ray import serve
 from ray.serve import Application
 
+from serving.auth import token_source
 from serving.catalog import ServedModel
 from serving.config import ServeSpec
 from serving.errors import ServingError, install_error_handlers
 from serving.handlers import HANDLERS, load_handler
+from serving.metrics import CONTENT_TYPE, gather_metrics, model_metrics
+from serving.middleware import install_guard
 from serving.openai_compat import install_openai_routes
 from serving.schemas import ErrorBody, Health, ModelCard, ModelList
-from serving.uploads import read_upload
+from serving.uploads import UPLOAD_OPENAPI, read_upload
 
 ROOT_APP_NAME = "_root"  # model names start with a letter or digit, so never clash
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # as serving/catalog.py checks served names
 _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (400, 404, 413, 422)}
 _UPLOAD_ERRORS: dict[int | str, dict[str, Any]] = {**_ERRORS, 415: {"model": ErrorBody}}
 
@@ -51,6 +56,7 @@ def build_model_app(model: ServedModel, spec: ServeSpec, env_vars: dict[str, str
     api = install_error_handlers(
         FastAPI(title=f"tunefleet model {model.name}", description=f"{model.info.task} · {model.info.base_model}")
     )
+    install_guard(api, spec, model.name)  # auth, backpressure, body limit, timeout, metrics, access log
 
     @serve.ingress(api)
     class ModelServer:
@@ -58,9 +64,12 @@ def build_model_app(model: ServedModel, spec: ServeSpec, env_vars: dict[str, str
             self.name = model.name
             self.card_json = model.card().model_dump()
             self.handler = load_handler(model.export_dir, spec)
+            token_source(spec)  # an unreadable auth token fails the replica's start, not each request
+            self.metrics = model_metrics(model.name)
 
         @serve.batch(max_batch_size=spec.max_batch_size, batch_wait_timeout_s=spec.batch_wait_ms / 1000)
         async def run_batch(self, items: list[Any]) -> list[Any]:
+            self.metrics.batch_size(len(items))
             # Off the event loop: it keeps reading requests (the next batch) while torch computes.
             return await asyncio.to_thread(self.handler.run_batch, items)
 
@@ -77,7 +86,8 @@ def build_model_app(model: ServedModel, spec: ServeSpec, env_vars: dict[str, str
 
         if hasattr(handler_cls, "prepare_upload"):  # tasks that take files: multipart or a raw body (serving/uploads.py)
 
-            @api.post("/predict/upload", response_model=handler_cls.response_model, responses=_UPLOAD_ERRORS)
+            @api.post("/predict/upload", response_model=handler_cls.response_model, responses=_UPLOAD_ERRORS,
+                      openapi_extra=UPLOAD_OPENAPI)
             async def predict_upload(self, request: Request) -> JSONResponse:
                 files, parameters = await read_upload(request, spec.max_image_bytes, spec.max_inputs_per_request)
                 items, body = self.handler.prepare_upload(files, parameters)
@@ -102,17 +112,29 @@ def build_model_app(model: ServedModel, spec: ServeSpec, env_vars: dict[str, str
     runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", **(env_vars or {})}}
     deployment = serve.deployment(
         name=handler_cls.__name__,
-        max_ongoing_requests=spec.max_ongoing_requests,
+        # Serve lets in twice what the guard (serving/middleware.py) admits, so the overflow reaches the guard
+        # and gets its JSON 503; Serve's own queue limit is only the backstop (a plain-text 503).
+        max_ongoing_requests=2 * (spec.max_ongoing_requests + spec.max_queued_requests),
+        max_queued_requests=spec.max_queued_requests,
+        backpressure_config={"retry_after_s": spec.retry_after_s},
         autoscaling_config=_autoscaling(spec),
         graceful_shutdown_timeout_s=spec.graceful_shutdown_timeout_s,
+        health_check_period_s=spec.health_check_period_s,
         ray_actor_options={"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus, "runtime_env": runtime_env},
     )(ModelServer)
     return deployment.bind(model, spec)
 
 
-def build_root_app(models: list[ServedModel], env_vars: dict[str, str] | None = None) -> Application:
-    """`/healthz`, `/v1/models` (the models given here) and a 404 JSON for any other model."""
+def build_root_app(
+    models: list[ServedModel], env_vars: dict[str, str] | None = None, settings: ServeSpec | None = None,
+) -> Application:
+    """`/healthz`, `/v1/models` (the models given here), `/metrics` and a 404 JSON for any other model.
+
+    `settings` gives the server-wide auth, CORS, body limit, timeout and access log (default: none of them).
+    """
+    settings = settings or ServeSpec()
     api = install_error_handlers(FastAPI(title="tunefleet", description="Models served by this tunefleet server."))
+    install_guard(api, settings, "", admission=False)  # answers from memory: no queue of its own
     cards = ModelList(models=[m.card() for m in models]).model_dump()
     names = sorted(m.name for m in models)
     # POST /v1/completions and /v1/chat/completions, forwarded to the named model's app.
@@ -120,6 +142,9 @@ def build_root_app(models: list[ServedModel], env_vars: dict[str, str] | None = 
 
     @serve.ingress(api)
     class Root:
+        def __init__(self) -> None:
+            token_source(settings)  # an unreadable auth token fails the start, not each request
+
         @api.get("/healthz", response_model=Health)
         async def healthz(self) -> dict[str, str]:
             return {"status": "ok"}
@@ -128,16 +153,29 @@ def build_root_app(models: list[ServedModel], env_vars: dict[str, str] | None = 
         async def list_models(self) -> dict[str, Any]:
             return cards
 
-        @api.api_route("/v1/models/{name}", methods=["GET", "POST"], responses={404: {"model": ErrorBody}})
+        # A catch-all that only answers 400/404: kept out of /docs, where the served routes describe themselves.
+        @api.api_route("/v1/models/{name}", methods=["GET", "POST"], include_in_schema=False)
         @api.api_route("/v1/models/{name}/{rest:path}", methods=["GET", "POST"], include_in_schema=False)
         async def unknown_model(self, name: str) -> None:
+            if not MODEL_NAME.match(name):  # e.g. "..", "%2e%2e", a 10 kB name: say what a name is, echo little
+                raise ServingError(400, f"invalid model name {name[:64]!r}: a name is 1-100 letters, digits, "
+                                        "'.', '_' or '-', starting with a letter or digit", {"models": names})
             raise ServingError(404, f"unknown model {name!r}; served models: {', '.join(names)}", {"models": names})
+
+        @api.get("/metrics", response_class=PlainTextResponse, responses={503: {"model": ErrorBody}})
+        async def metrics(self) -> PlainTextResponse:
+            """Prometheus text: every model's request, error, latency and batch-size metrics, from every node."""
+            try:
+                return PlainTextResponse(await gather_metrics(), media_type=CONTENT_TYPE)
+            except RuntimeError as exc:
+                raise ServingError(503, f"metrics unavailable: {exc}") from None
 
     runtime_env = {"env_vars": env_vars} if env_vars else {}
     deployment = serve.deployment(
         name="Root",
         num_replicas=1,
         max_ongoing_requests=256,  # answers from memory; never the bottleneck
+        max_queued_requests=1024,  # Serve's backstop; the root has no queue of its own
         ray_actor_options={"num_cpus": 0, "runtime_env": runtime_env},
     )(Root)
     return deployment.bind()

@@ -6,7 +6,11 @@ one definition (cluster imports it; serving never imports cluster).
 
 from __future__ import annotations
 
+import re
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+_ORIGIN = re.compile(r"^https?://[^/\s]+$")  # what a browser sends in Origin
 
 
 class ServeSpec(BaseModel):
@@ -31,6 +35,10 @@ class ServeSpec(BaseModel):
     graceful_shutdown_timeout_s: float = Field(
         30, ge=0, description="A stopping replica waits this long for in-flight requests before it is killed."
     )
+    health_check_period_s: float = Field(
+        2, gt=0, description="How often Serve checks each replica: a crashed replica is noticed, and replaced, "
+        "within this long (Serve's default, 10 s, leaves a dead replica's share of capacity missing longer)."
+    )
     max_inputs_per_request: int = Field(
         256, gt=0, description="More inputs in one request answer 413; bounds one request's share of a replica."
     )
@@ -39,6 +47,36 @@ class ServeSpec(BaseModel):
     )
     max_image_bytes: int = Field(
         10 * 1024 * 1024, gt=0, description="Image classification: a larger image file (decoded from base64 or uploaded) answers 413."
+    )
+
+    # Backpressure, limits, auth, CORS and logs: serving/middleware.py applies them to every route.
+    max_queued_requests: int = Field(
+        128, ge=0, description="Requests a replica holds waiting once max_ongoing_requests run; "
+        "more answer 503 with Retry-After (a bounded queue sheds load instead of timing out)."
+    )
+    retry_after_s: int = Field(1, ge=0, description="Retry-After (seconds) sent with a 503 from a full replica.")
+    request_timeout_s: float | None = Field(
+        60, gt=0, description="A request not answered within this long (body upload and queueing included) "
+        "answers 504; null: no limit."
+    )
+    max_body_bytes: int = Field(
+        16 * 1024 * 1024, gt=0, description="A larger request body answers 413 before it is parsed "
+        "(from Content-Length, or counted as it arrives); room for one max_image_bytes image in base64."
+    )
+    auth_token_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Name of an environment variable (in the "
+        "replicas' environment) holding the bearer token every request but /healthz must send; null: no auth."
+    )
+    auth_token_file: str | None = Field(
+        None, min_length=1, description="A file holding the bearer token (a mounted Kubernetes secret); "
+        "re-read when it changes, so a rotated secret applies without a redeploy."
+    )
+    cors_origins: tuple[str, ...] = Field(
+        (), description='Origins browsers may call from, e.g. ["https://app.example.com"] or ["*"]; empty: CORS off.'
+    )
+    access_log: bool = Field(
+        True, description="One JSON line per request on the replica's stderr: method, path, model, status, "
+        "latency, request id."
     )
 
     @model_validator(mode="after")
@@ -53,6 +91,20 @@ class ServeSpec(BaseModel):
                 f"max_ongoing_requests ({self.max_ongoing_requests}) must be > max_batch_size "
                 f"({self.max_batch_size}), or a replica never holds enough requests to fill a batch"
             )
+        if self.auth_token_env and self.auth_token_file:
+            problems.append(
+                f"auth_token_env ({self.auth_token_env}) and auth_token_file ({self.auth_token_file}): "
+                "give one token source, not both"
+            )
+        if self.max_body_bytes < self.max_image_bytes:
+            problems.append(
+                f"max_body_bytes ({self.max_body_bytes}) must be >= max_image_bytes ({self.max_image_bytes}), "
+                "or an image within the limit can never arrive"
+            )
+        problems += [
+            f"cors_origins: {origin!r} must be '*' or scheme://host[:port] (no path)"
+            for origin in self.cors_origins if origin != "*" and not _ORIGIN.match(origin)
+        ]
         if problems:
             raise ValueError("; ".join(problems))
         return self

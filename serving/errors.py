@@ -2,7 +2,9 @@
 
 `ServingError` is raised by handlers (limits, unknown model); `install_error_handlers`
 makes a FastAPI app answer its own and FastAPI's errors in that one shape:
-malformed JSON 400, schema violations 422, unknown routes 404.
+malformed JSON 400, schema violations 422, unknown routes 404, and Ray's overload and
+lost-replica errors 503 with Retry-After. Limits applied before a route runs (auth,
+body size, backpressure, timeouts) answer the same shape from serving/middleware.py.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ logger = logging.getLogger(__name__)
 # Segments pydantic adds to an error location for union members and validators;
 # they name types, not fields, so a client's message leaves them out.
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "bytes"}
+RETRY_AFTER_S = 1  # Retry-After on a 503 for an overloaded or restarting model
 
 
 class ServingError(Exception):
@@ -36,8 +39,8 @@ class ServingError(Exception):
         return (type(self), (self.status, self.error, self.detail))
 
 
-def error_response(status: int, error: str, detail: Any = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": error, "detail": detail})
+def error_response(status: int, error: str, detail: Any = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": error, "detail": detail}, headers=headers)
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:
@@ -74,11 +77,21 @@ def describe_validation_errors(errors: list[dict[str, Any]]) -> tuple[str, list[
     return line, detail
 
 
-async def _on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+def _is_json(content_type: str) -> bool:
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
+async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = list(exc.errors())
     if any(e.get("type") == "json_invalid" for e in errors):
         ctx = next(e for e in errors if e.get("type") == "json_invalid").get("ctx") or {}
         return error_response(400, "malformed JSON body", str(ctx.get("error", "")) or None)
+    content_type = request.headers.get("content-type", "")
+    if content_type and not _is_json(content_type) and any(tuple(e.get("loc", ())) == ("body",) for e in errors):
+        # FastAPI passes a non-JSON body through as bytes, which then fails the schema as a whole.
+        return error_response(415, f"unsupported content type {content_type[:100]!r}: send a JSON body with "
+                                   "Content-Type: application/json", None)
     line, detail = describe_validation_errors(errors)
     return error_response(422, f"invalid request: {line}", detail)
 
@@ -92,9 +105,26 @@ async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONR
         error = f"no route {request.method} {request.url.path}"
     elif exc.status_code == 405:
         error = f"method {request.method} not allowed on {request.url.path}"
+    elif exc.status_code == 400 and isinstance(exc.__cause__, RecursionError):  # FastAPI's JSON parse failed
+        error = "malformed JSON body: nested too deeply"
+    elif exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
+        error = f"malformed JSON body: not valid UTF-8 ({exc.__cause__.reason} at byte {exc.__cause__.start})"
     else:
         error = str(exc.detail)
-    return error_response(exc.status_code, error, None)
+    return error_response(exc.status_code, error, None, getattr(exc, "headers", None))
+
+
+async def _on_overloaded(_: Request, exc: Exception) -> JSONResponse:
+    # A handle call (the OpenAI routes forward to a model's app) met the model's full queue.
+    return error_response(503, f"model busy: its request queue is full; retry after {RETRY_AFTER_S} s",
+                          type(exc).__name__, {"Retry-After": str(RETRY_AFTER_S)})
+
+
+async def _on_replica_lost(_: Request, exc: Exception) -> JSONResponse:
+    # The replica serving a forwarded call died or is restarting; Serve starts another.
+    logger.warning("a model replica became unavailable during a request: %s", type(exc).__name__)
+    return error_response(503, f"model replica unavailable; retry after {RETRY_AFTER_S} s",
+                          type(exc).__name__, {"Retry-After": str(RETRY_AFTER_S)})
 
 
 async def _on_unexpected(_: Request, exc: Exception) -> JSONResponse:
@@ -107,4 +137,12 @@ def install_error_handlers(app: FastAPI) -> FastAPI:
     app.add_exception_handler(ServingError, _on_serving_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(Exception, _on_unexpected)
+    try:  # Ray's overload and lost-replica errors: 503 with Retry-After (apps run in Ray; a unit test may not)
+        from ray.exceptions import RayActorError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+    except ImportError:
+        return app
+    app.add_exception_handler(BackPressureError, _on_overloaded)
+    for lost in (DeploymentUnavailableError, ReplicaUnavailableError, RayActorError):
+        app.add_exception_handler(lost, _on_replica_lost)
     return app

@@ -23,9 +23,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from serving.errors import ServingError
-from serving.schemas import ErrorBody, Text
+from serving.schemas import ErrorBody, Text, UnicodeText
 
 COMPLETIONS, CHAT = "completions", "chat"
+_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (400, 404, 413, 422)}
 Stop = Union[Text, Annotated[list[Text], Field(min_length=1, max_length=4)], None]
 
 
@@ -61,12 +62,12 @@ class CompletionRequest(_Sampling):
 
 class ContentPart(_Body):
     type: Literal["text"]
-    text: StrictStr
+    text: UnicodeText
 
 
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[StrictStr, list[ContentPart]]
+    content: Union[UnicodeText, list[ContentPart]]
     name: StrictStr | None = None
 
     def text(self) -> str:
@@ -87,6 +88,57 @@ class ChatCompletionRequest(_Sampling):
 
 
 # ---- responses ------------------------------------------------------------------------------
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str | None = Field(description='"stop" (EOS or a stop text) or "length" (max_tokens).')
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: str | None = Field(description='"stop" (EOS or a stop text) or "length" (max_tokens).')
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+def _documented(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    """/docs for a route that answers JSON, or server-sent events when the request says stream: true."""
+    stream = {"schema": {"type": "string"}, "example": 'data: {"id": "...", "choices": [...]}\n\ndata: [DONE]\n\n'}
+    return {**_ERRORS, 200: {"model": model, "description": "The whole answer; with `stream: true`, server-sent "
+                                                            "events of chunks, then `data: [DONE]`.",
+                             "content": {"text/event-stream": stream}}}
+
 
 def _usage(outputs: Iterable[Any]) -> dict[str, int]:
     outputs = list(outputs)
@@ -142,9 +194,6 @@ def stream_events(route: str, request: Any, events: Iterable[tuple[int, Any]]) -
 
 # ---- routes (root application) --------------------------------------------------------------
 
-_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (400, 404, 413, 422)}
-
-
 def _as_serving_error(exc: BaseException) -> ServingError | None:
     """A ServingError raised in the model's replica arrives wrapped by Ray; unwrap it."""
     cause = exc if isinstance(exc, ServingError) else getattr(exc, "cause", None)
@@ -191,12 +240,14 @@ def install_openai_routes(api: FastAPI, models: list[Any], generative: set[str])
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    @api.post("/v1/completions", responses=_ERRORS, tags=["openai"])
+    @api.post("/v1/completions", response_model=CompletionResponse, responses=_documented(CompletionResponse),
+              tags=["openai"])
     async def completions(body: CompletionRequest):
         """OpenAI text completions: a prompt (or several) continued by a causal LM."""
         return await forward(COMPLETIONS, body)
 
-    @api.post("/v1/chat/completions", responses=_ERRORS, tags=["openai"])
+    @api.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+              responses=_documented(ChatCompletionResponse), tags=["openai"])
     async def chat_completions(body: ChatCompletionRequest):
         """OpenAI chat completions: messages rendered with the model's chat template, the assistant's reply."""
         return await forward(CHAT, body)

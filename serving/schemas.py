@@ -14,12 +14,22 @@ from typing import Annotated, Any, Union
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, StrictInt, StrictStr, Tag, field_validator
 
 
-def _non_blank(value: str) -> str:
-    if not value.strip():
-        raise ValueError("must be a non-empty text")
+def _valid_unicode(value: str) -> str:
+    if not value.isascii():
+        try:  # JSON may escape a lone surrogate ("\ud800"): valid JSON, not valid Unicode, and tokenizers fail on it
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"must be valid Unicode: a lone surrogate at character {exc.start}") from None
     return value
 
 
+def _non_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must be a non-empty text")
+    return _valid_unicode(value)
+
+
+UnicodeText = Annotated[StrictStr, AfterValidator(_valid_unicode)]  # may be empty (a chat turn)
 Text = Annotated[StrictStr, AfterValidator(_non_blank)]
 
 

@@ -20,6 +20,24 @@ from serving.errors import ServingError
 
 RAW_TYPES = ("image/", "application/octet-stream")
 
+# The route reads the request itself, so FastAPI cannot infer its body: /docs gets it from here.
+UPLOAD_OPENAPI: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "Image files as a multipart form (each file part one input, in order; parameters as "
+                       "form fields such as top_k=2), or one image as the raw body with parameters in the query.",
+        "content": {
+            "multipart/form-data": {"schema": {"type": "object", "properties": {
+                "file": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                "top_k": {"type": "integer", "minimum": 1},
+                "parameters": {"type": "string", "description": 'JSON object, e.g. {"top_k": 2}'},
+            }}},
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    },
+}
+
 
 def _parameter_value(text: str) -> Any:
     """Form and query values are texts: `2` → 2, `null` → None; anything else is kept as text (the schema judges)."""
