@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,13 +21,14 @@ import yaml
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from training import streaming
 from training.checkpoint import IncompleteCheckpointError, complete_checkpoints
 from training.export import export_checkpoint
 from training.layout import BEST_CHECKPOINT_FILE, CHECKPOINTS_DIR, EXPORT_DIR, JOB_FILE, METRICS_FILE, REPORT_DIR
-from training.loop import train_loop_per_worker
+from training.entry import train_worker
 from training.report import write_report
 from training.storage import StorageDir, as_storage
-from training.tasks import TASKS, selection_metric
+from training.tasks import TASKS, PreparedData, selection_metric
 from training.tracking import open_tracker
 
 
@@ -46,16 +48,43 @@ def run_dir_for(spec: Any, run_id: str) -> Path:
     return Path(spec.output.storage) / spec.name / run_id
 
 
-def run_training(spec: Any, run_id: str, storage: StorageDir | None = None) -> RunResult:
+@dataclass(frozen=True)
+class RunStart:
+    """What a run needs before Ray Train, begun on threads so it overlaps starting Ray (which mostly
+    waits on processes): tokenizing the data, and opening the MLflow run (a new SQLite store takes
+    seconds to create). `.result()` of each gives its value or raises its error (DataError,
+    TrackingError), still before any worker starts."""
+
+    run: StorageDir
+    prepared: "Future[PreparedData] | None"  # None for a stream: Ray Data needs Ray first
+    tracker: Future
+
+
+def begin_run(spec: Any, run_id: str, storage: StorageDir | None = None) -> RunStart:
+    run = (storage or StorageDir.local(spec.output.storage)).child(spec.name, run_id)
+    run.write_text(JOB_FILE, yaml.safe_dump(spec.dump(), sort_keys=False))
+    executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tunefleet-start")
+    prepared = None if spec.data.streaming else executor.submit(TASKS.get(spec.task).prepare, spec)
+    tracker = executor.submit(open_tracker, spec, run)  # logs the job's parameters
+    executor.shutdown(wait=False)
+    return RunStart(run, prepared, tracker)
+
+
+def run_training(spec: Any, run_id: str, storage: StorageDir | None = None, start: RunStart | None = None) -> RunResult:
     """Train (resuming when the run directory already holds checkpoints), export, report.
 
-    `storage` is where `output.storage` points (cluster/storage.py resolves URIs); None: a local path."""
-    run = (storage or StorageDir.local(spec.output.storage)).child(spec.name, run_id)
-    task = TASKS.get(spec.task)
-    prepared = task.prepare(spec)
+    `storage` is where `output.storage` points (cluster/storage.py resolves URIs); None: a local path.
+    `start`: `begin_run`'s work under way (the CLI begins it before starting Ray); None: begun here."""
+    start = start or begin_run(spec, run_id, storage)
+    run = start.run
+    try:
+        prepared = start.prepared.result() if start.prepared is not None else TASKS.get(spec.task).prepare(spec)
+    except BaseException:
+        if start.tracker.exception() is None:
+            start.tracker.result().close("FAILED")
+        raise
     print(f"data: {json.dumps(prepared.summary())}")
-    run.write_text(JOB_FILE, yaml.safe_dump(spec.dump(), sort_keys=False))
-    tracker = open_tracker(spec, run)  # TrackingError before any worker starts; logs the job's parameters
+    tracker = start.tracker.result()  # TrackingError here: before any worker starts
     try:
         result = _train_export_report(spec, run, prepared)
     except BaseException as err:
@@ -68,13 +97,17 @@ def run_training(spec: Any, run_id: str, storage: StorageDir | None = None) -> R
 
 def _train_export_report(spec: Any, run: StorageDir, prepared: Any) -> RunResult:
     use_gpu = _use_gpu(spec.scale.use_gpu, spec.scale.workers)
-    cpus = spec.scale.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // spec.scale.workers)
+    cpus = spec.scale.cpus_per_worker or _cpus_per_worker(spec, prepared)
     metric, higher_is_better = selection_metric(spec)
+    streamed = {} if prepared.train_stream is None else {
+        "datasets": {"train": prepared.train_stream}, "dataset_config": streaming.ingest_options()}
+    payload = ray.put({"spec": spec, "data": prepared.without_stream(), "storage": run, "cpus_per_worker": cpus,
+                       # rank 0 joins the driver's MLflow run (workers on a remote cluster lack the driver's env)
+                       "mlflow_tracking_uri": os.environ.get("MLFLOW_TRACKING_URI")})
     trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"spec": spec, "data": prepared, "storage": run, "cpus_per_worker": cpus,
-                           # rank 0 joins the driver's MLflow run (workers on a remote cluster lack the driver's env)
-                           "mlflow_tracking_uri": os.environ.get("MLFLOW_TRACKING_URI")},
+        train_worker,  # light to import: the controller passes the payload on unread (training/entry.py)
+        **streamed,  # data.streaming: Ray Train hands each worker its share of the stream
+        train_loop_config={"payload": payload},
         scaling_config=ScalingConfig(
             num_workers=spec.scale.workers,
             use_gpu=use_gpu,
@@ -157,6 +190,14 @@ def best_checkpoint(checkpoints_dir: "Path | StorageDir", metric: str, higher_is
     sign = 1 if higher_is_better else -1
     # Best metric; among equals the later step wins.
     return max(candidates, key=lambda item: (sign * item[1]["metrics"][metric], item[1]["step"]))
+
+
+def _cpus_per_worker(spec: Any, prepared: Any) -> float:
+    """The cluster's CPUs shared by the workers; a stream keeps room for Ray Data's read and tokenize tasks."""
+    total = ray.cluster_resources().get("CPU", 1)
+    if prepared.train_stream is None:
+        return max(1, int(total) // spec.scale.workers)
+    return max(0.5, (total - 2 * streaming.DATA_CPUS) / spec.scale.workers)
 
 
 def _use_gpu(setting: str | bool, workers: int) -> bool:

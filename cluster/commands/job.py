@@ -54,15 +54,16 @@ def _storage(uri: str, source: str):
 def _train(args) -> int:
     from cluster.runtime import ray_session
     from training.data.tables import DataError
-    from training.run import new_run_id, run_training
+    from training.run import begin_run, new_run_id, run_training
     from training.tracking import TrackingError
 
     spec = load_job(args.job, args.overrides)
     storage = _storage(spec.output.storage, args.job)
     run_id = args.run_id or new_run_id()
     try:
+        start = begin_run(spec, run_id, storage)  # tokenizing and opening MLflow overlap Ray's start
         with ray_session(args.address):
-            result = run_training(spec, run_id, storage)
+            result = run_training(spec, run_id, storage, start)
     except DataError as err:
         raise _data_problems(err, args.job) from None
     except TrackingError as err:  # raised before any worker starts

@@ -6,6 +6,7 @@ module. The training loop, the checkpoint and the export only ever call these.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -24,6 +25,13 @@ class PreparedData:
     label_counts: list[int] = field(default_factory=list)
     # What preparation dropped or noticed (e.g. {"skipped_images": 3}): shown in the run's `data:` line.
     notes: dict[str, Any] = field(default_factory=dict)
+    # `data.streaming`: the training split as a lazy Ray Dataset of the same columns as `train`
+    # (which is then empty); Ray Train shards it to the workers (training/streaming.py).
+    train_stream: Any = None
+
+    def without_stream(self) -> "PreparedData":
+        """What travels to the workers in the loop's config (the stream goes through Ray Train's datasets)."""
+        return dataclasses.replace(self, train_stream=None)
 
     def summary(self) -> dict[str, Any]:
         return {"train_rows": self.train.num_rows, "validation_rows": self.validation.num_rows, "labels": self.labels,
@@ -70,6 +78,8 @@ class TaskDefinition:
     report_extras: Callable[[Any, Any, Any, dict], dict] | None = None
     # Column of PreparedData tables that holds each example's length (for length grouping).
     length_column: str = "length"
+    # Whether `prepare` honours data.streaming (returns PreparedData.train_stream).
+    supports_streaming: bool = False
 
     def __post_init__(self) -> None:
         if self.save_export is None:

@@ -59,16 +59,60 @@ def check_columns(spec: Any) -> list[tuple[str, str, Any]]:
     return problems
 
 
+def _columns(spec: Any) -> tuple[list[str], str | None, str]:
+    """(text columns, text-pair column or None, label column) as the readers name them."""
+    columns = spec.data.columns
+    text_refs = columns.text if isinstance(columns.text, list) else [columns.text]
+    return [str(r) for r in text_refs], None if columns.text_pair is None else str(columns.text_pair), str(columns.label)
+
+
+def _encoder(spec: Any, mapping: dict[Any, int]):
+    """A batch of raw columns → token ids, labels and lengths; rows without a usable label dropped."""
+    data = spec.data
+    text_cols, pair_col, label_col = _columns(spec)
+    processor = _build_processor(spec)
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        keep = [i for i, v in enumerate(batch[label_col]) if mapping.get(v, -1) >= 0]
+        texts = [data.text_separator.join((batch[c][i] or "") for c in text_cols) for i in keep]
+        pairs = [batch[pair_col][i] or "" for i in keep] if pair_col else None
+        out = dict(processor(texts, pairs, truncation=True, max_length=data.max_length))
+        out["labels"] = [mapping[batch[label_col][i]] for i in keep]
+        out["length"] = [len(ids) for ids in out["input_ids"]]
+        return out
+
+    return encode
+
+
+def _label_map(spec: Any, train_values: list, validation_values: list, features: Any, location: str):
+    """(label names, raw value → id) from the values seen in each split and what the job declares."""
+    data = spec.data
+    drop = data.unknown_labels == "drop"
+    given, base = declared_label_names(data.label_names, data.label_base, features)
+    names, mapping = build_label_map(train_values, given, base, location, drop_unknown=drop)
+    unseen = sorted({v for v in validation_values if v not in mapping and v not in (None, "")}, key=str)
+    if unseen and given:
+        mapping.update(build_label_map(unseen, names, base, "validation", drop_unknown=drop)[1])
+    elif unseen:
+        raise DataError([("data.validation", f"validation labels {unseen[:5]} never occur in the training data; "
+                          "list every label in data.label_names", None)])
+    return names, mapping
+
+
+def _tokenize(ds, encode):
+    ds = ds.map(encode, batched=True, batch_size=1000, remove_columns=ds.column_names, desc="tokenizing")
+    return ds.flatten_indices().data.table.combine_chunks()
+
+
 def _prepare(spec: Any) -> PreparedData:
     problems = check_columns(spec)
     if problems:
         raise DataError(problems)
+    if spec.data.streaming:
+        return _prepare_streaming(spec)
     data, seed = spec.data, spec.train.seed
     train_source, validation_source = _sources(spec)
-    text_refs = data.columns.text if isinstance(data.columns.text, list) else [data.columns.text]
-    text_cols = [str(r) for r in text_refs]
-    pair_col = None if data.columns.text_pair is None else str(data.columns.text_pair)
-    label_col = str(data.columns.label)
+    text_cols, pair_col, label_col = _columns(spec)
     wanted = list(dict.fromkeys(text_cols + ([pair_col] if pair_col else []) + [label_col]))
 
     train = load_table(train_source, wanted)
@@ -77,16 +121,8 @@ def _prepare(spec: Any) -> PreparedData:
         train, validation = split["train"], split["test"]
     else:
         validation = load_table(validation_source, wanted)
-    drop = data.unknown_labels == "drop"
-    given, base = declared_label_names(data.label_names, data.label_base, train.features.get(label_col))
-    names, mapping = build_label_map(train.unique(label_col), given, base,
-                                     train_source.location, drop_unknown=drop)
-    unseen = sorted({v for v in validation.unique(label_col) if v not in mapping and v not in (None, "")}, key=str)
-    if unseen and given:
-        mapping.update(build_label_map(unseen, names, base, "validation", drop_unknown=drop)[1])
-    elif unseen:
-        raise DataError([("data.validation", f"validation labels {unseen[:5]} never occur in the training data; "
-                          "list every label in data.label_names", None)])
+    names, mapping = _label_map(spec, train.unique(label_col), validation.unique(label_col),
+                                train.features.get(label_col), train_source.location)
 
     # Rows without a usable label (empty, or dropped by data.unknown_labels) go before the
     # subset is drawn, so `limit` counts rows that train.
@@ -102,23 +138,39 @@ def _prepare(spec: Any) -> PreparedData:
     if len(train) == 0:
         raise DataError([("data.train", f"{train_source.location}: no labeled rows", None)])
 
-    processor = _build_processor(spec)
-
-    def encode(batch: dict[str, list]) -> dict[str, list]:
-        texts = [data.text_separator.join((row or "") for row in parts) for parts in zip(*(batch[c] for c in text_cols))]
-        pairs = [p or "" for p in batch[pair_col]] if pair_col else None
-        out = processor(texts, pairs, truncation=True, max_length=data.max_length)
-        out["labels"] = [mapping[v] for v in batch[label_col]]
-        out["length"] = [len(ids) for ids in out["input_ids"]]
-        return dict(out)
-
-    def tokenize(ds):
-        ds = ds.map(encode, batched=True, batch_size=1000, remove_columns=ds.column_names, desc="tokenizing")
-        return ds.flatten_indices().data.table.combine_chunks()
-
-    train_table, validation_table = tokenize(train), tokenize(validation)
+    encode = _encoder(spec, mapping)
+    train_table, validation_table = _tokenize(train, encode), _tokenize(validation, encode)
     counts = np.bincount(np.asarray(train_table.column("labels").to_numpy()), minlength=len(names)).tolist()
     return PreparedData(train=train_table, validation=validation_table, labels=names, label_counts=counts)
+
+
+def _prepare_streaming(spec: Any) -> PreparedData:
+    """The training split as a lazy Ray Dataset (training/streaming.py); validation read whole."""
+    from training import streaming
+
+    data, seed = spec.data, spec.train.seed
+    train_source, validation_source = _sources(spec)
+    text_cols, pair_col, label_col = _columns(spec)
+    wanted = list(dict.fromkeys(text_cols + ([pair_col] if pair_col else []) + [label_col]))
+    stream = streaming.read_stream(train_source, wanted)
+    if data.limit.train is not None:
+        stream = stream.limit(data.limit.train)
+    seen = streaming.label_counts(stream, label_col)  # one pass over the stream: labels and their counts
+    validation = load_table(validation_source, wanted)
+    names, mapping = _label_map(spec, list(seen), validation.unique(label_col), None, train_source.location)
+    counts = [0] * len(names)
+    for value, n in seen.items():
+        if mapping.get(value, -1) >= 0:
+            counts[mapping[value]] += n
+    if not sum(counts):
+        raise DataError([("data.train", f"{train_source.location}: no labeled rows", None)])
+    encode = _encoder(spec, mapping)
+    validation = seeded_subset(validation.filter(lambda v: [mapping.get(x, -1) >= 0 for x in v],
+                                                 input_columns=label_col, batched=True), data.limit.validation, seed)
+    validation_table = _tokenize(validation, encode)
+    return PreparedData(train=validation_table.slice(0, 0), validation=validation_table, labels=names,
+                        label_counts=counts, train_stream=streaming.tokenize_stream(stream, encode),
+                        notes={"train_rows": sum(counts), "streaming": True})
 
 
 def _build_processor(spec: Any):
@@ -179,4 +231,5 @@ TASKS.register(NAME, TaskDefinition(
     build_processor=_build_processor,
     build_collator=_build_collator,
     compute_metrics=_compute_metrics,
+    supports_streaming=True,
 ))
