@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-from peft import IA3Config
-from peft.utils import (TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
-                        TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING)
 from pydantic import Field
 
 from training.methods.base import MethodDefinition
@@ -20,6 +17,11 @@ class IA3Options(PeftOptions):
 
 
 def _apply(model, options: IA3Options, task: str):
+    # peft is imported here, not at the top: validating a job file (the CLI) should not pay for it.
+    from peft import IA3Config
+    from peft.utils import (TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
+                            TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING)
+
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if options.target_modules == "auto":
         targets = auto_targets(model, TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING)

@@ -5,8 +5,6 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import Field
-from peft import LoraConfig
-from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
 from training.methods.base import MethodDefinition
 from training.methods.peft_common import PeftOptions, auto_targets, peft_task_kwargs, wrap
@@ -22,7 +20,11 @@ class LoraOptions(PeftOptions):
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train.")
 
 
-def lora_config(model, task: str, options: LoraOptions) -> LoraConfig:
+def lora_config(model, task: str, options: LoraOptions):
+    """A peft.LoraConfig (peft imported here: validating a job file should not pay for it)."""
+    from peft import LoraConfig
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
     targets = auto_targets(model, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING) \
         if options.target_modules == "auto" else options.target_modules
     return LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout, bias=options.bias,

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
 from training.data.labels import build_label_map, declared_label_names
 from training.data.tables import DataError, Source, detect_format, load_table, read_columns, seeded_subset
@@ -208,6 +207,8 @@ def _build_collator(processor, training: bool):
 
 
 def _compute_metrics(predictions, references, labels: list[str], eval_loss: float) -> dict[str, Any]:
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score  # here: the CLI need not import sklearn
+
     predictions, references = np.asarray(predictions), np.asarray(references)
     ids = list(range(len(labels)))
     per_class = f1_score(references, predictions, labels=ids, average=None, zero_division=0)
