@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from cluster.scale_spec import DeepSpeedSpec, deepspeed_problems
 from serving.config import ServeSpec
 from training.methods import METHODS
+from training.optim import OPTIMIZER_HELP, OptimizerName, optimizer_problems
 from training.tasks import TASKS
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
@@ -138,6 +139,10 @@ class DataSpec(Strict):
     image_std: list[float] | None = Field(
         None, min_length=1, max_length=4, description="Image classification: per-channel normalisation std for torchvision models; null: the weights' own."
     )
+    augment: bool = Field(
+        True, description="Image classification: random resized crop and horizontal flip on training images; false: "
+        "training images get the evaluation preprocessing (resize, centre crop), as method.cache_features needs."
+    )
 
 
 class MethodSpec(Strict):
@@ -165,6 +170,7 @@ class TrainSpec(Strict):
     scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="Decay after warmup.")
     warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Share of steps spent warming the learning rate up.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW decay; never applied to biases and norms.")
+    optimizer: OptimizerName = Field("adamw", description=OPTIMIZER_HELP)
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null: no clipping.")
     layer_lr_decay: float | None = Field(
         None, gt=0, le=1, description="Discriminative learning rates: each layer down gets lr × this; null: one rate.")
@@ -404,9 +410,12 @@ def _cross_field_problems(spec: Any) -> list[Problem]:
     elif spec.method is not None:
         method = METHODS.get(spec.method.name)
         try:
-            method.options.model_validate(spec.method.options)
+            options = method.options.model_validate(spec.method.options)
         except ValidationError as err:
             problems.extend(_problems_from(err, spec.method.options, prefix=("method",)))
+        else:
+            if method.check_spec is not None:
+                problems.extend(Problem(path=p, message=m, value=v) for p, m, v in method.check_spec(spec, options))
         if task_known and spec.task not in method.tasks:
             fitting = [m for m in METHODS.names() if spec.task in METHODS.get(m).tasks]
             problems.append(Problem(
@@ -422,6 +431,9 @@ def _cross_field_problems(spec: Any) -> list[Problem]:
         problems.append(Problem(path="train.class_weights", message="every weight must be > 0", value=train.class_weights))
     if spec.scale is not None and spec.method is not None:
         problems.extend(Problem(path=p, message=m, value=v) for p, m, v in deepspeed_problems(spec))
+    if train is not None and spec.scale is not None:
+        problems.extend(Problem(path=p, message=m, value=v) for p, m, v in optimizer_problems(
+            train.optimizer, spec.scale.use_gpu, spec.scale.deepspeed is not None))
     return problems
 
 

@@ -32,8 +32,9 @@ from training.checkpoint import (
 from training.layout import CHECKPOINTS_DIR, METRICS_FILE
 from training.losses import class_weights_for, count_targets
 from training.methods import METHODS, count_parameters
+from training.feature_cache import cached_features
 from training.model_builder import build_training_model
-from training.optim import parameter_groups
+from training.optim import build_optimizer, parameter_groups
 from training.storage import StorageDir
 from training.tasks import TASKS, selection_metric
 from training.tracking import ExperimentTracker, TrackingError, open_tracker
@@ -70,9 +71,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     per_epoch = -(-batches_per_epoch(len(train_rows), t.batch_size, world) // accumulation)
     total_steps = t.max_steps or t.epochs * per_epoch
     options = spec.method_options()
-    optimizer = torch.optim.AdamW(
+    optimizer, optimizer_name = build_optimizer(  # torch AdamW, or bitsandbytes' 8-bit / paged (train.optimizer)
+        t.optimizer,
         parameter_groups(model, t.learning_rate, t.weight_decay, t.layer_lr_decay, include_frozen=method.schedule is not None),
-        lr=t.learning_rate,
+        t.learning_rate, device,
     )
 
     def make_scheduler(optimizer):
@@ -110,6 +112,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 total_steps = (state.step + -(-(batches - state.batch_in_epoch) // accumulation)
                                + (t.epochs - state.epoch - 1) * per_epoch)
     bare = model.module if hasattr(model, "module") else model
+    features = cached_features(spec, bare)  # head + cache_features: the backbone runs once per example
     scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
     tracker = _rank0_tracker(spec, storage, config.get("mlflow_tracking_uri"), state.step) if rank == 0 else None
     log = _MetricsLog(storage, rank == 0, keep_until_step=state.step, tracker=tracker)
@@ -117,12 +120,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         log.write({"event": "resume", "step": state.step, "from_world_size": plan.manifest["world_size"],
                    "world_size": world, "optimizer": plan.optimizer, "reason": plan.reason})
     if rank == 0:
-        log.write({"event": "start", "step": state.step, "trainable_parameters": trainable,
+        log.write({"event": "start", "step": state.step, "trainable_parameters": trainable, "optimizer": optimizer_name,
                    "total_parameters": total, "world_size": world, "total_steps": total_steps,
                    "deepspeed": None if zero is None else {"stage": zero_stage}})
 
-    def forward(batch: dict) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+    def forward(batch: dict, examples: list[int] | None = None) -> torch.Tensor:
+        """examples: the training batch's example indices (the feature cache keys); None in evaluation."""
+        cache = features.serving(examples, batch) if features is not None and examples is not None else nullcontext()
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None), cache:
             return _logits(model(**batch))
 
     def evaluate_and_checkpoint() -> bool:
@@ -173,12 +178,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             boundary = (index + 1) % accumulation == 0 or index + 1 == len(plan_of_batches)
             if engine is not None:
                 engine.set_gradient_accumulation_boundary(boundary)
-                loss = loss_fn(forward(batch).float(), labels)
+                loss = loss_fn(forward(batch, plan_of_batches[index]).float(), labels)
                 engine.backward(loss)  # scaled by 1/accumulation; reduced across ranks at the boundary
                 engine.step()  # at the boundary: clip, AdamW and LR schedule; else nothing
             else:
                 with _no_sync(model) if not boundary else nullcontext():
-                    loss = loss_fn(forward(batch), labels)
+                    loss = loss_fn(forward(batch, plan_of_batches[index]), labels)
                     scaler.scale(loss / accumulation).backward()
             window_loss += loss.item() * len(labels)
             window_samples += len(labels)

@@ -1,8 +1,10 @@
-"""AdamW parameter groups: no decay on biases and norms, optional layer-wise learning-rate decay."""
+"""The optimizer: AdamW parameter groups (no decay on biases and norms, optional layer-wise learning-rate
+decay), and the AdamW implementation a job names (torch, or bitsandbytes 8-bit / paged)."""
 
 from __future__ import annotations
 
 import re
+from typing import Any, Literal
 
 import torch
 
@@ -35,3 +37,56 @@ def parameter_groups(model: torch.nn.Module, learning_rate: float, weight_decay:
          "lr": learning_rate * (layer_lr_decay ** (top - depth) if layer_lr_decay else 1.0)}
         for (depth, decays), params in sorted(groups.items())
     ]
+
+
+# ---- the optimizer: torch AdamW, or bitsandbytes' 8-bit / paged AdamW -----------------------------
+
+OptimizerName = Literal["adamw", "adamw-8bit", "paged-adamw", "paged-adamw-8bit"]
+OPTIMIZER_HELP = (
+    "adamw: torch AdamW (8 bytes of state per trained parameter). adamw-8bit: bitsandbytes' block-wise 8-bit AdamW "
+    "(2 bytes per parameter; on CUDA and on the CPU, where its step is several times slower than adamw's). "
+    "paged-adamw / paged-adamw-8bit: their state in CUDA unified memory, paged out to CPU memory when the GPU runs "
+    "short (QLoRA's recipe); GPU only: with scale.use_gpu auto on a worker without a GPU they fall back to adamw / "
+    "adamw-8bit with a warning. Not with scale.deepspeed."
+)
+# name -> (bitsandbytes.optim class or None for torch's, what it falls back to on a worker without CUDA)
+_OPTIMIZERS: dict[str, tuple[str | None, str | None]] = {
+    "adamw": (None, None),
+    "adamw-8bit": ("AdamW8bit", None),
+    "paged-adamw": ("PagedAdamW", "adamw"),
+    "paged-adamw-8bit": ("PagedAdamW8bit", "adamw-8bit"),
+}
+
+
+def _needs_cuda(name: str) -> bool:
+    return _OPTIMIZERS[name][1] is not None
+
+
+def optimizer_problems(name: str, use_gpu: str | bool, deepspeed: bool) -> list[tuple[str, str, Any]]:
+    """(key path, message, value) for an optimizer the job's devices cannot run, found at validation."""
+    problems = []
+    if name != "adamw" and deepspeed:
+        problems.append(("train.optimizer", "bitsandbytes optimizers are not used under scale.deepspeed (ZeRO "
+                         "partitions and may offload the optimizer state itself); use adamw, or plain DDP", name))
+    if _needs_cuda(name) and use_gpu is False:
+        problems.append(("train.optimizer", f"{name} needs a GPU (it pages its state between GPU and CPU memory; "
+                         f"bitsandbytes has no paged optimizer on the CPU) and scale.use_gpu is false: use "
+                         f"{_OPTIMIZERS[name][1]}, or scale.use_gpu: auto / true", name))
+    return problems
+
+
+def build_optimizer(name: str, groups: list[dict], learning_rate: float, device: torch.device
+                    ) -> tuple[torch.optim.Optimizer, str]:
+    """(optimizer, the name actually built): a paged optimizer on a worker without CUDA (scale.use_gpu: auto
+    on a CPU cluster) falls back to its unpaged twin, with a warning, rather than fail the run."""
+    if _needs_cuda(name) and device.type != "cuda":
+        fallback = _OPTIMIZERS[name][1]
+        print(f"WARNING: train.optimizer {name} needs a GPU and this worker has none ({device}); "
+              f"training with {fallback} instead")
+        name = fallback
+    class_name = _OPTIMIZERS[name][0]
+    if class_name is None:
+        return torch.optim.AdamW(groups, lr=learning_rate), name
+    import bitsandbytes.optim
+
+    return getattr(bitsandbytes.optim, class_name)(groups, lr=learning_rate), name

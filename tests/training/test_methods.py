@@ -190,3 +190,28 @@ def test_layer_lr_decay_gives_lower_layers_smaller_rates(tiny64):
     assert lr["classifier.weight"] == pytest.approx(1e-3)
     assert lr["bert.encoder.layer.1.output.dense.weight"] > lr["bert.encoder.layer.0.output.dense.weight"]
     assert lr["bert.encoder.layer.0.output.dense.weight"] > lr["bert.embeddings.word_embeddings.weight"]
+
+
+LM_METHODS = sorted(m for m in METHODS.names() if "causal-lm" in METHODS.get(m).tasks and m != "qlora")
+
+
+@pytest.mark.parametrize("method", LM_METHODS)
+def test_causal_lm_loss_matches_the_models_own(method, tiny_causal_lm, tmp_path):
+    """The task's loss on each method's model is the model's own (prompt tuning's virtual tokens included)."""
+    from testdata import lm_sentences
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(lm_sentences(40)))
+    spec = validate_job({"name": "lm", "task": "causal-lm", "model": str(tiny_causal_lm),
+                         "data": {"train": str(corpus), "lm_format": "text", "max_length": 32},
+                         "method": {"name": method}, "output": {"storage": str(tmp_path)}})
+    task = TASKS.get("causal-lm")
+    prepared = task.prepare(spec)
+    torch.manual_seed(0)
+    model = build_training_model(spec, prepared.labels).eval()
+    batch = task.build_collator(task.build_processor(spec), True)(prepared.train.to_pylist()[:3])
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        ours = task.build_loss(None, 0.0, "cpu")(model(**batch).logits, labels)
+        theirs = model(**batch, labels=labels).loss
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)

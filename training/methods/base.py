@@ -37,6 +37,10 @@ class MethodDefinition:
     # (model, options, export_dir) -> None: writes the adapter itself when it is not a PEFT model
     # (bottleneck adapters); None: the task's save_export writes the model or PEFT adapter.
     save_adapter: Callable[[Any, BaseModel, Any], None] | None = None
+    # (spec, options) -> [(key path, message, value)]: combinations only this method knows to refuse
+    # (head's feature cache with augmentation); run at validation once the options are valid.
+    # Sections of a job that failed validation are None.
+    check_spec: Callable[[Any, BaseModel], list[tuple[str, str, Any]]] | None = None
 
 
 def count_parameters(model: Any) -> tuple[int, int]:

@@ -95,6 +95,8 @@ def _build_collator(tokenizer, training: bool):
 
 def _build_loss(weights, label_smoothing: float, device):
     def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # Prompt tuning (PEFT) prepends its virtual tokens' logits: they predict no token of the input.
+        logits = logits[:, logits.shape[1] - labels.shape[1]:, :]
         shifted_logits, shifted_labels = logits[:, :-1, :], labels[:, 1:]
         if not (shifted_labels != -100).any():  # no target in this batch: a zero loss, not NaN
             return logits.sum() * 0.0

@@ -3,9 +3,10 @@
     model: torchvision://mobilenet_v2         weights from model.weights (file or URL), or torchvision's default
     model: google/vit-base-patch16-224        AutoModelForImageClassification + AutoImageProcessor
 
-Training augments (random resized crop, horizontal flip); evaluation resizes and centre-crops
-with the weights' own normalisation. The export loads without tunefleet: torchvision backbones
-as `model.safetensors` + `torchvision.json`, Hugging Face models in `pipeline("image-classification")`.
+Training augments (random resized crop, horizontal flip; `data.augment: false` turns it off);
+evaluation resizes and centre-crops with the weights' own normalisation. The export loads without
+tunefleet: torchvision backbones as `model.safetensors` + `torchvision.json`, Hugging Face models in
+`pipeline("image-classification")`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class ImageProcessing:
     preprocessing: Preprocessing
     hf_processor: Any = None
     bad_images: str = "skip"
+    augment: bool = True  # data.augment: random crop and flip on training images
 
 
 def _check_spec(spec: Any) -> list[tuple[str, str, Any]]:
@@ -170,12 +172,12 @@ def _build_processor(spec: Any) -> ImageProcessing:
     if arch is not None:
         base = from_torchvision_weights(arch, _weights(spec, arch))
         preprocessing = base.overridden(spec.data.image_size, spec.data.image_mean, spec.data.image_std)
-        return ImageProcessing(preprocessing, None, spec.data.bad_images)
+        return ImageProcessing(preprocessing, None, spec.data.bad_images, spec.data.augment)
     from transformers import AutoImageProcessor
 
     processor = AutoImageProcessor.from_pretrained(spec.model.path, revision=spec.model.revision,
                                                    trust_remote_code=spec.model.trust_remote_code)
-    return ImageProcessing(from_hf_processor(processor), processor, spec.data.bad_images)
+    return ImageProcessing(from_hf_processor(processor), processor, spec.data.bad_images, spec.data.augment)
 
 
 def _build_model(spec: Any, labels: list[str], **load_kwargs):
@@ -196,9 +198,10 @@ def _build_model(spec: Any, labels: list[str], **load_kwargs):
 def _build_collator(processing: ImageProcessing, training: bool):
     import torch
 
-    # Evaluation of a Hugging Face model runs its own image processor: what pipeline() and serving do.
-    use_hf = processing.hf_processor is not None and not training
-    transform = None if use_hf else (processing.preprocessing.train_transform() if training
+    augment = training and processing.augment
+    # Without augmentation a Hugging Face model runs its own image processor: what pipeline() and serving do.
+    use_hf = processing.hf_processor is not None and not augment
+    transform = None if use_hf else (processing.preprocessing.train_transform() if augment
                                      else processing.preprocessing.eval_transform())
 
     def collate(rows: list[dict]) -> dict:
