@@ -114,6 +114,12 @@ class DataSpec(Strict):
     )
     limit: LimitSpec = Field(default_factory=LimitSpec, description="Seeded subsets, as the tutorials' shuffle().select().")
     max_length: int = Field(128, ge=8, le=65536, description="Tokens per example; longer inputs are truncated.")
+    streaming: bool = Field(
+        False, description="Stream the training split to the workers through Ray Data instead of sending each "
+        "worker all of it: for data larger than a worker's memory. Needs train.max_steps and data.validation; "
+        "limit.train takes the first rows; length grouping within a window (docs/scale.md).")
+    streaming_window: int = Field(
+        50, ge=1, le=10000, description="data.streaming: batches read, shuffled and grouped by length together.")
     lm_format: Literal["auto", "text", "instruction", "chat"] = Field(
         "auto",
         description="causal-lm: text (a .txt file or the text column, packed into blocks of max_length tokens), "
@@ -425,6 +431,8 @@ def _cross_field_problems(spec: Any) -> list[Problem]:
             ))
     if task_known and spec.data is not None:
         problems.extend(Problem(path=p, message=m, value=v) for p, m, v in TASKS.get(spec.task).check_spec(spec))
+        if spec.data.streaming:
+            problems.extend(_streaming_problems(spec))
     # serve: replica and batching bounds are ServeSpec's own validators (serving/config.py).
     train = spec.train
     if train is not None and isinstance(train.class_weights, list) and any(w <= 0 for w in train.class_weights):
@@ -434,6 +442,21 @@ def _cross_field_problems(spec: Any) -> list[Problem]:
     if train is not None and spec.scale is not None:
         problems.extend(Problem(path=p, message=m, value=v) for p, m, v in optimizer_problems(
             train.optimizer, spec.scale.use_gpu, spec.scale.deepspeed is not None))
+    return problems
+
+
+def _streaming_problems(spec: Any) -> list[Problem]:
+    streaming_tasks = [name for name in TASKS.names() if TASKS.get(name).supports_streaming]
+    problems = []
+    if spec.task not in streaming_tasks:
+        problems.append(Problem(path="data.streaming", message=f"task {spec.task} reads its data whole; streaming "
+                                f"tasks: {', '.join(streaming_tasks)}", value=True))
+    if spec.train is not None and spec.train.max_steps is None:
+        problems.append(Problem(path="train.max_steps", message="data.streaming needs a step count: the length of a "
+                                "stream is unknown until it is read (the LR schedule needs one)", value=None))
+    if spec.data.validation is None:
+        problems.append(Problem(path="data.validation", message="data.streaming needs a validation file (holding out "
+                                "a fraction of a stream would need a pass over all of it)", value=None))
     return problems
 
 

@@ -36,6 +36,7 @@ from training.feature_cache import cached_features
 from training.model_builder import build_training_model
 from training.optim import build_optimizer, parameter_groups
 from training.storage import StorageDir
+from training.streaming import stream_epoch
 from training.tasks import TASKS, selection_metric
 from training.tracking import ExperimentTracker, TrackingError, open_tracker
 
@@ -63,6 +64,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     processor = task.build_processor(spec)
     collate, collate_eval = task.build_collator(processor, True), task.build_collator(processor, False)
     train_rows, validation_rows = _rows(prepared.train), _rows(prepared.validation)
+    stream = ray.train.get_dataset_shard("train") if spec.data.streaming else None  # rows stay in Ray Data
     train_lengths = prepared.train.column(task.length_column).to_pylist()
     validation_lengths = prepared.validation.column(task.length_column).to_pylist()
 
@@ -171,19 +173,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     last_eval_step = state.step if plan is not None else -1
     # max_steps: as many epochs as the steps take (a resume on another worker count shifts epochs).
     while not stop and (t.max_steps is not None or state.epoch < t.epochs):
-        plan_of_batches = epoch_batches(train_lengths, t.batch_size, world, rank, t.seed, state.epoch, t.group_by_length)
-        for index in range(state.batch_in_epoch, len(plan_of_batches)):
-            batch = _to_device(collate([train_rows[i] for i in plan_of_batches[index]]), device, input_dtype)
+        batches, epoch_length = _epoch(state, stream, train_rows, train_lengths, spec, task, world, rank)
+        exhausted = False
+        for index, examples, rows in batches:
+            batch = _to_device(collate(rows), device, input_dtype)
             labels = batch.pop("labels")
-            boundary = (index + 1) % accumulation == 0 or index + 1 == len(plan_of_batches)
+            boundary = (index + 1) % accumulation == 0 or index + 1 == epoch_length
             if engine is not None:
                 engine.set_gradient_accumulation_boundary(boundary)
-                loss = loss_fn(forward(batch, plan_of_batches[index]).float(), labels)
+                loss = loss_fn(forward(batch, examples).float(), labels)
                 engine.backward(loss)  # scaled by 1/accumulation; reduced across ranks at the boundary
                 engine.step()  # at the boundary: clip, AdamW and LR schedule; else nothing
             else:
                 with _no_sync(model) if not boundary else nullcontext():
-                    loss = loss_fn(forward(batch, plan_of_batches[index]), labels)
+                    loss = loss_fn(forward(batch, examples), labels)
                     scaler.scale(loss / accumulation).backward()
             window_loss += loss.item() * len(labels)
             window_samples += len(labels)
@@ -215,7 +218,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 stop = True
             if stop:
                 break
-        if not stop or state.batch_in_epoch >= len(plan_of_batches):
+        else:
+            exhausted = True
+        if epoch_length is not None:  # stopped at the epoch's last batch: the epoch is done too
+            exhausted = state.batch_in_epoch >= epoch_length
+        if not stop or exhausted:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             follow_schedule()
         if t.eval_every_steps is None and last_eval_step != state.step:
@@ -227,6 +234,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         log.write({"event": "end", "step": state.step})
     log.close()
+
+
+def _epoch(state, stream, rows, lengths, spec, task, world, rank):
+    """(batches of this epoch from the resume position on, as (index, example ids or None, rows);
+    the epoch's length in batches, None for a stream)."""
+    t = spec.train
+    if stream is not None:
+        streamed = stream_epoch(stream, batch_size=t.batch_size, accumulation=t.gradient_accumulation_steps,
+                                seed=t.seed, epoch=state.epoch, group_by_length=t.group_by_length,
+                                window=spec.data.streaming_window, length_column=task.length_column,
+                                skip=state.batch_in_epoch)
+        return ((i, None, batch) for i, batch in enumerate(streamed, start=state.batch_in_epoch)), None
+    plan = epoch_batches(lengths, t.batch_size, world, rank, t.seed, state.epoch, t.group_by_length)
+    return ((i, plan[i], [rows[j] for j in plan[i]]) for i in range(state.batch_in_epoch, len(plan))), len(plan)
 
 
 @contextmanager
