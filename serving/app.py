@@ -14,7 +14,7 @@ batches can fill.
 
 import asyncio
 import re
-from typing import Any
+from typing import Any, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -127,6 +127,7 @@ def build_model_app(model: ServedModel, spec: ServeSpec, env_vars: dict[str, str
 
 def build_root_app(
     models: list[ServedModel], env_vars: dict[str, str] | None = None, settings: ServeSpec | None = None,
+    extra_routes: Callable[[FastAPI], Any] | None = None,
 ) -> Application:
     """`/healthz`, `/v1/models` (the models given here), `/metrics` and a 404 JSON for any other model.
 
@@ -139,6 +140,8 @@ def build_root_app(
     names = sorted(m.name for m in models)
     # POST /v1/completions and /v1/chat/completions, forwarded to the named model's app.
     install_openai_routes(api, models, {m.name for m in models if hasattr(HANDLERS.get(m.info.task), "openai_prepare")})
+    if extra_routes is not None:  # adapters and registrations (serving/registration.py); first match wins
+        extra_routes(api)
 
     @serve.ingress(api)
     class Root:

@@ -2,29 +2,28 @@
 
 from __future__ import annotations
 
-import hashlib
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from serving import model_store
 from serving.handlers import HANDLERS
+from serving.pools import MODEL_NAME, NAME_RULE  # a name is one URL path segment and a Serve application name
 from serving.schemas import ModelCard
-from training.layout import EXPORT_INFO_FILE, ExportInfo, read_export_info, resolve_export_dir
-
-# A name is one URL path segment (/v1/models/{name}/predict) and a Serve application name.
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+from training.layout import ExportInfo
 
 
 @dataclass(frozen=True)
 class ServedModel:
     name: str
-    export_dir: str  # absolute, so replicas on this node resolve it alike
+    export_dir: str  # absolute, so replicas on this node resolve it alike (a URI's export: its local copy)
     info: ExportInfo
     version: str
+    route: str | None = None  # its own route prefix (a serve file's `route`); default /v1/models/<name>
+    source: str | None = None  # the storage URI it came from, when not a local path
 
     @property
     def route_prefix(self) -> str:
-        return f"/v1/models/{self.name}"
+        return self.route or f"/v1/models/{self.name}"
 
     def card(self) -> ModelCard:
         return ModelCard(
@@ -36,11 +35,15 @@ class ServedModel:
         )
 
 
-def load_served_model(export_dir: str | Path, name: str | None = None) -> ServedModel:
-    path = resolve_export_dir(export_dir).resolve()
-    info = read_export_info(path)
-    version = hashlib.sha256((path / EXPORT_INFO_FILE).read_bytes()).hexdigest()[:12]
-    return ServedModel(name=name or info.name, export_dir=str(path), info=info, version=version)
+def load_served_model(export_dir: str | Path, name: str | None = None, route: str | None = None,
+                      fetch: bool = True) -> ServedModel:
+    """An export (or run directory) by local path or storage URI; a URI's export is fetched to this node
+    (with `fetch=False` its tunefleet.json alone is read, and export_dir stays the URI)."""
+    info, version = model_store.read_info(export_dir)
+    path = model_store.fetch(export_dir) if fetch or not model_store.is_uri(export_dir) else export_dir
+    source = str(export_dir) if model_store.is_uri(export_dir) else None
+    return ServedModel(name=name or info.name, export_dir=str(path), info=info, version=version, route=route,
+                       source=source)
 
 
 def resolve_models(export_dirs: list[str | Path], names: list[str] | None = None) -> list[ServedModel]:
@@ -57,11 +60,8 @@ def resolve_models(export_dirs: list[str | Path], names: list[str] | None = None
     problems = []
     seen: dict[str, str] = {}
     for model in models:
-        if not _NAME.match(model.name):
-            problems.append(
-                f"model name {model.name!r} ({model.export_dir}) must be letters, digits, '.', '_' or '-', "
-                "starting with a letter or digit"
-            )
+        if not MODEL_NAME.match(model.name):
+            problems.append(f"model name {model.name!r} ({model.export_dir}) {NAME_RULE}")
         if model.name in seen:
             problems.append(
                 f"model name {model.name!r} is used twice ({seen[model.name]} and {model.export_dir}); "

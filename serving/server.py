@@ -31,8 +31,11 @@ import httpx
 from ray import serve
 
 from serving.app import ROOT_APP_NAME, build_model_app, build_root_app
-from serving.catalog import ServedModel, resolve_models
+from serving.catalog import ServedModel
 from serving.config import ServeSpec
+from serving.multiplex import AdapterEntry, build_adapter_pool_app
+from serving.plan import ModelRequest, ServePlan, make_plan
+from serving.registration import drop_registry, install_adapter_routes
 
 logger = logging.getLogger(__name__)
 
@@ -88,27 +91,32 @@ class RunningServer:
     """Handle on a started server: where it listens, what it serves, how to stop it."""
 
     url: str
-    models: list[ServedModel]
+    models: list[ServedModel]  # full models, one application each
     state_dir: str | None = None  # HAProxy's config and sockets, removed on shutdown
+    adapters: list[AdapterEntry] = field(default_factory=list)  # multiplexed over their base's pool
+    endpoint_id: str | None = None  # its registry actor ends with the server
     _stopped: bool = field(default=False, repr=False)
 
     def shutdown(self) -> None:
         if not self._stopped:
             shutdown()
+            if self.endpoint_id is not None:
+                drop_registry(self.endpoint_id)
             self._stopped = True
             if self.state_dir:
                 shutil.rmtree(self.state_dir, ignore_errors=True)
 
 
 def _wait_until_answering(url: str, models: list[ServedModel], timeout_s: float) -> None:
-    """Every route answers 200 through the HTTP port (the proxy learns routes after apps run)."""
+    """Every route answers through the HTTP port (the proxy learns routes after apps run)."""
     paths = ["/healthz", *(f"{m.route_prefix}/" for m in models)]
     deadline = time.monotonic() + timeout_s
     with httpx.Client(base_url=url, timeout=5) as client:
         for path in paths:
             while True:
                 try:
-                    if client.get(path).status_code == 200:
+                    # 401: auth is on and the model's replica answered (it has loaded the model to run at all).
+                    if client.get(path).status_code in (200, 401):
                         break
                 except httpx.TransportError:
                     pass
@@ -117,35 +125,57 @@ def _wait_until_answering(url: str, models: list[ServedModel], timeout_s: float)
                 time.sleep(0.2)
 
 
+def plan_exports(
+    export_dirs: list[str | Path], names: list[str] | None = None, settings: ServeSpec | None = None
+) -> ServePlan:
+    """Exports given on a command line (local paths or storage URIs) as a plan: adapters pooled by base."""
+    if names is not None and len(names) != len(export_dirs):
+        raise ValueError(f"got {len(names)} names for {len(export_dirs)} export directories; give one name per export")
+    requests = [ModelRequest(export=str(d), name=names[i] if names else None, where=f"exports[{i}] ({d})")
+                for i, d in enumerate(export_dirs)]
+    return make_plan(requests, settings)
+
+
 def start_server(
-    export_dirs: list[str | Path],
+    export_dirs: list[str | Path] | None = None,
     names: list[str] | None = None,
     host: str = "127.0.0.1",
     port: int = 8000,
     settings: ServeSpec | None = None,
     ingress: str = "haproxy",
     ready_timeout_s: float = 300,
+    plan: ServePlan | None = None,
 ) -> RunningServer:
-    """Deploy every export and return once each answers over HTTP (Ray must be initialized).
+    """Deploy every export (or a serve file's `plan`) and return once each answers over HTTP (Ray must be initialized).
 
-    `ingress` picks how requests reach replicas (see `ingress_env_vars`); it applies when
-    this call starts Serve's controller, i.e. unless Serve already runs in this Ray.
+    Full models get an application each; adapters sharing a base get one pool of base-model replicas
+    (serving/multiplex.py) reached through the root application. `ingress` picks how requests reach
+    replicas (see `ingress_env_vars`); it applies when this call starts Serve's controller, i.e. unless
+    Serve already runs in this Ray.
     """
-    models = resolve_models(export_dirs, names)  # every problem before any Ray time
-    spec = settings or ServeSpec()
+    if plan is None:
+        plan = plan_exports(list(export_dirs or []), names, settings)  # every problem before any Ray time
+    spec = settings or plan.settings
     env = {**ingress_env_vars(ingress), **SERVE_ENV_VARS}
     serve.start(
         http_options={"host": host, "port": port},
         controller_options={"runtime_env": {"env_vars": env}} if env else None,
     )
-    targets = [serve.RunTarget(build_root_app(models, env), name=ROOT_APP_NAME, route_prefix="/")]
-    targets += [
-        serve.RunTarget(build_model_app(m, spec, env), name=m.name, route_prefix=m.route_prefix) for m in models
-    ]
+    models = plan.full_models
+
+    def adapter_routes(api) -> None:
+        install_adapter_routes(api, models, list(plan.pools), list(plan.adapters), plan.endpoint_id, plan.state_file)
+
+    targets = [serve.RunTarget(build_root_app(models, env, spec, extra_routes=adapter_routes), name=ROOT_APP_NAME,
+                               route_prefix="/")]
+    targets += [serve.RunTarget(build_model_app(m, s, env), name=m.name, route_prefix=m.route_prefix)
+                for m, s in plan.models]
+    targets += [serve.RunTarget(build_adapter_pool_app(p, env), name=p.app_name, route_prefix=None) for p in plan.pools]
     serve.run_many(targets)
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}"
     _wait_until_answering(url, models, ready_timeout_s)
-    return RunningServer(url=url, models=models, state_dir=env.get("RAY_SERVE_HAPROXY_SERVER_STATE_BASE"))
+    return RunningServer(url=url, models=models, state_dir=env.get("RAY_SERVE_HAPROXY_SERVER_STATE_BASE"),
+                         adapters=list(plan.adapters), endpoint_id=plan.endpoint_id)
 
 
 def shutdown() -> None:
@@ -175,19 +205,25 @@ def _wait_for_signal() -> None:
 
 
 def serve_exports(
-    export_dirs: list[str | Path],
+    export_dirs: list[str | Path] | None = None,
     names: list[str] | None = None,
     host: str = "127.0.0.1",
     port: int = 8000,
     settings: ServeSpec | None = None,
     block: bool = True,
     ingress: str = "haproxy",
+    plan: ServePlan | None = None,
 ) -> RunningServer:
     """Serve exports at http://host:port until SIGINT/SIGTERM (block=True), or return the running server."""
-    server = start_server(export_dirs, names, host=host, port=port, settings=settings, ingress=ingress)
-    print(f"tunefleet serving {', '.join(m.name for m in server.models)} at {server.url}", flush=True)
+    server = start_server(export_dirs, names, host=host, port=port, settings=settings, ingress=ingress, plan=plan)
+    print(f"tunefleet serving {len(server.models) + len(server.adapters)} models at {server.url}", flush=True)
     for model in server.models:
         print(f"  POST {server.url}{model.route_prefix}/predict  ({model.info.task})", flush=True)
+    for adapter in server.adapters:
+        print(f"  POST {server.url}/v1/models/{adapter.name}/predict  ({adapter.info.task} adapter, pool "
+              f"{adapter.pool})", flush=True)
+    print(f"  POST {server.url}/v1/registrations  (add an adapter: tunefleet serve add RUN --endpoint {server.url})",
+          flush=True)
     if block:
         _wait_for_signal()
         print("tunefleet: draining in-flight requests, then stopping", flush=True)

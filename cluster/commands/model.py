@@ -1,4 +1,4 @@
-"""`tunefleet predict | serve`: using exported models."""
+"""`tunefleet predict | serve | serve add`: using exported models."""
 
 from __future__ import annotations
 
@@ -17,12 +17,29 @@ def register(commands) -> None:
     predict.add_argument("--top-k", type=int, default=None, help="labels per input (default: the task's default)")
     predict.set_defaults(handler=_predict)
 
-    serve = commands.add_parser("serve", help="serve exports over HTTP with Ray Serve until SIGINT/SIGTERM")
-    serve.add_argument("exports", nargs="+", help="export directories (or run directories)")
-    serve.add_argument("--name", action="append", default=None, help="model name per export (default: the job name)")
-    serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    serve = commands.add_parser(
+        "serve", help="serve exports over HTTP with Ray Serve until SIGINT/SIGTERM; `serve add` registers an adapter",
+        usage="tunefleet serve [EXPORT ...] [--file SERVE_FILE] [--build [--out FILE]] [options]\n"
+              "       tunefleet serve add RUN_OR_EXPORT --endpoint URL [--name NAME]",
+        description="Serve exports (full models get their own replicas; adapters over one base share a pool of "
+                    "base-model replicas), from the command line or a serve file (YAML: docs/serving.md). "
+                    "`serve add` registers a finished run's adapter with a running endpoint, without a redeploy.")
+    serve.add_argument("exports", nargs="*", metavar="EXPORT",
+                       help="export directories, run directories or storage URIs (or: add RUN_OR_EXPORT)")
+    serve.add_argument("--file", "-f", help="serve file (YAML) listing models, routes, replicas, batching, pools")
+    serve.add_argument("--name", action="append", default=None,
+                       help="model name per export (default: the job name); with `add`: the registered name")
+    serve.add_argument("--build", action="store_true",
+                       help="write a Ray Serve config (for `serve deploy` or a KubeRay RayService) instead of serving")
+    serve.add_argument("--out", help="with --build: the config file to write (default: print it)")
+    serve.add_argument("--host", default=None,
+                       help="bind address (default 127.0.0.1: this machine only; 0.0.0.0 in a --build config)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--address", help="Ray cluster address (default: a private local Ray)")
+    serve.add_argument("--endpoint", help="with `add`: the running endpoint's URL, e.g. http://127.0.0.1:8000")
+    serve.add_argument("--token-env", default="TUNEFLEET_TOKEN",
+                       help="with `add`: environment variable holding the endpoint's bearer token, if it has one "
+                            "(default TUNEFLEET_TOKEN)")
     serve.set_defaults(handler=_serve)
 
 
@@ -48,9 +65,99 @@ def _is_image_export(export_dir: str) -> bool:
 
 
 def _serve(args) -> int:
+    from serving.plan import PlanError
+
+    if args.exports[:1] == ["add"]:
+        return _serve_add(args)
+    if args.endpoint:
+        print("error: --endpoint goes with `tunefleet serve add RUN_OR_EXPORT --endpoint URL`", file=sys.stderr)
+        return 2
+    if bool(args.exports) == bool(args.file):
+        print("error: give export directories or --file SERVE_FILE (one of the two)", file=sys.stderr)
+        return 2
+    try:
+        plan = _plan(args)
+    except (PlanError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.build:
+        return _build(args, plan)
+
     from cluster.runtime import ray_session
     from serving import serve_exports
 
     with ray_session(args.address):
-        serve_exports(args.exports, names=args.name, host=args.host, port=args.port, block=True)
+        serve_exports(host=args.host or "127.0.0.1", port=args.port, block=True, plan=plan)
+    return 0
+
+
+def _plan(args):
+    if args.file:
+        if args.name:
+            raise ValueError("--name names command-line exports; a serve file names its models itself")
+        from serving.servefile import load_serve_file
+
+        return load_serve_file(args.file, fetch=not args.build)
+    from serving.plan import ModelRequest, make_plan
+
+    if args.name is not None and len(args.name) != len(args.exports):
+        raise ValueError(f"got {len(args.name)} --name for {len(args.exports)} exports; give one name per export")
+    requests = [ModelRequest(export=e, name=args.name[i] if args.name else None, where=f"exports[{i}] ({e})")
+                for i, e in enumerate(args.exports)]
+    return make_plan(requests, fetch=not args.build)
+
+
+def _build(args, plan) -> int:
+    import yaml
+
+    from serving.deploy import deploy_config
+
+    config = deploy_config(plan, host=args.host or "0.0.0.0", port=args.port)
+    text = ("# Ray Serve config written by `tunefleet serve --build`: serve deploy FILE, or a RayService's "
+            "serveConfigV2.\n" + yaml.safe_dump(config, sort_keys=False))
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+        print(f"wrote {args.out}: {len(config['applications'])} applications", file=sys.stderr)
+    else:
+        print(text, end="")
+    return 0
+
+
+def _serve_add(args) -> int:
+    import os
+
+    import httpx
+
+    if len(args.exports) != 2 or not args.endpoint:
+        print("error: usage: tunefleet serve add RUN_OR_EXPORT --endpoint URL [--name NAME]", file=sys.stderr)
+        return 2
+    if args.name and len(args.name) > 1:
+        print("error: `serve add` registers one export: give --name once", file=sys.stderr)
+        return 2
+    export = args.exports[1]
+    if "://" not in export:  # the endpoint reads the same path: this machine or a shared volume
+        from training.layout import resolve_export_dir
+
+        try:
+            export = str(resolve_export_dir(export).resolve())
+        except FileNotFoundError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    body = {"export": export, **({"name": args.name[0]} if args.name else {})}
+    token = os.environ.get(args.token_env or "")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    url = args.endpoint.rstrip("/") + "/v1/registrations"
+    try:
+        answer = httpx.post(url, json=body, headers=headers, timeout=300)
+    except httpx.HTTPError as err:
+        print(f"error: cannot reach {url}: {err}", file=sys.stderr)
+        return 1
+    try:
+        payload = answer.json()
+    except ValueError:
+        payload = {"error": answer.text[:500]}
+    if answer.status_code != 201:
+        print(f"error: {url} answered {answer.status_code}: {payload.get('error', payload)}", file=sys.stderr)
+        return 1
+    print(json.dumps(payload, indent=2))
     return 0
