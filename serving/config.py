@@ -74,6 +74,14 @@ class ServeSpec(BaseModel):
     cors_origins: tuple[str, ...] = Field(
         (), description='Origins browsers may call from, e.g. ["https://app.example.com"] or ["*"]; empty: CORS off.'
     )
+    register_with: str | None = Field(
+        None, pattern=r"^https?://", description="`tunefleet train`: once the export is written, register it with "
+        "this running endpoint (its URL), as `tunefleet serve add` does; null: don't."
+    )
+    register_token_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="With register_with: the environment variable "
+        "holding the endpoint's bearer token, if it has auth."
+    )
     access_log: bool = Field(
         True, description="One JSON line per request on the replica's stderr: method, path, model, status, "
         "latency, request id."

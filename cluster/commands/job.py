@@ -70,6 +70,26 @@ def _train(args) -> int:
         raise JobSpecError([Problem(path="output.tracking", message=str(err))], args.job) from None
     print(json.dumps({"run_dir": result.run_dir, "export": result.export_dir,
                       "best_checkpoint": result.best_checkpoint, "metrics": result.metrics}, indent=2))
+    return _register(spec, result.export_dir)
+
+
+def _register(spec, export_dir: str) -> int:
+    """The job's `serve.register_with`: the new export joins a running endpoint (serve add)."""
+    if not spec.serve.register_with:
+        return 0
+    import os
+    import sys
+
+    from serving.client import RegistrationError, register_export
+
+    token = os.environ.get(spec.serve.register_token_env) if spec.serve.register_token_env else None
+    try:
+        answer = register_export(spec.serve.register_with, export_dir, None, token)
+    except RegistrationError as err:
+        print(f"error: trained and exported to {export_dir}, but serve.register_with failed: {err}; "
+              f"retry with `tunefleet serve add {export_dir} --endpoint {spec.serve.register_with}`", file=sys.stderr)
+        return 1
+    print(f"registered with {spec.serve.register_with}: {json.dumps(answer)}")
     return 0
 
 

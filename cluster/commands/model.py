@@ -126,38 +126,19 @@ def _build(args, plan) -> int:
 def _serve_add(args) -> int:
     import os
 
-    import httpx
-
     if len(args.exports) != 2 or not args.endpoint:
         print("error: usage: tunefleet serve add RUN_OR_EXPORT --endpoint URL [--name NAME]", file=sys.stderr)
         return 2
     if args.name and len(args.name) > 1:
         print("error: `serve add` registers one export: give --name once", file=sys.stderr)
         return 2
-    export = args.exports[1]
-    if "://" not in export:  # the endpoint reads the same path: this machine or a shared volume
-        from training.layout import resolve_export_dir
+    from serving.client import RegistrationError, register_export
 
-        try:
-            export = str(resolve_export_dir(export).resolve())
-        except FileNotFoundError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-    body = {"export": export, **({"name": args.name[0]} if args.name else {})}
-    token = os.environ.get(args.token_env or "")
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    url = args.endpoint.rstrip("/") + "/v1/registrations"
     try:
-        answer = httpx.post(url, json=body, headers=headers, timeout=300)
-    except httpx.HTTPError as err:
-        print(f"error: cannot reach {url}: {err}", file=sys.stderr)
-        return 1
-    try:
-        payload = answer.json()
-    except ValueError:
-        payload = {"error": answer.text[:500]}
-    if answer.status_code != 201:
-        print(f"error: {url} answered {answer.status_code}: {payload.get('error', payload)}", file=sys.stderr)
+        payload = register_export(args.endpoint, args.exports[1], args.name[0] if args.name else None,
+                                  os.environ.get(args.token_env or ""))
+    except RegistrationError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 1
     print(json.dumps(payload, indent=2))
     return 0

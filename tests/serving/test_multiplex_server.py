@@ -201,3 +201,26 @@ def test_serve_add_answers_at_once_on_every_replica(server, client: httpx.Client
     assert client.delete("/v1/registrations/gamma").status_code == 200
     assert _predict(client, "gamma").status_code == 404
     assert _predict(client, "alpha").status_code == 200  # the pool still serves the others
+
+
+def test_a_job_with_serve_register_with_registers_its_export(server, client: httpx.Client, tiny_text_model: Path,
+                                                             adapters: dict[str, Path], monkeypatch, capsys,
+                                                             tmp_path: Path) -> None:
+    """`tunefleet train`'s last step for a job whose serve section names an endpoint (cluster/commands/job.py)."""
+    from cluster.commands.job import _register
+    from cluster.spec import validate_job
+
+    (tmp_path / "train.tsv").write_text("t\tl\na\tb\n")
+
+    def job(endpoint: str) -> dict:
+        return {"name": "epsilon", "task": "text-classification", "model": str(tiny_text_model),
+                "data": {"train": str(tmp_path / "train.tsv"), "columns": {"text": "t", "label": "l"}},
+                "serve": {"register_with": endpoint, "register_token_env": TOKEN_ENV}}
+
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    assert _register(validate_job(job(server.url), check_data=False), str(adapters["delta"])) == 0
+    assert _close(_probs(_predict(client, "delta")), reference_probs(tiny_text_model, adapters["delta"], TEXTS))
+    # An endpoint that does not answer: exit 1, and the message says how to register by hand.
+    dead = f"http://127.0.0.1:{_free_port()}"
+    assert _register(validate_job(job(dead), check_data=False), str(adapters["delta"])) == 1
+    assert "tunefleet serve add" in capsys.readouterr().err
