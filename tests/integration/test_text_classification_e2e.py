@@ -52,6 +52,20 @@ def _complete_steps(checkpoints: Path) -> dict[int, Path]:
     return found
 
 
+def _steps_seen_after_kill(checkpoints: Path) -> dict[int, Path]:
+    """Every checkpoint seen complete until no more change. Ray processes of the killed run can outlive
+    its driver by seconds: they may finish a checkpoint (complete: a resume may use it) and prune old
+    ones (Ray's keep-k), so the resume step is one of these, not necessarily one complete at the kill."""
+    seen, last, stable_since, deadline = {}, None, time.monotonic(), time.monotonic() + 60
+    while time.monotonic() - stable_since < 5 and time.monotonic() < deadline:
+        now = _complete_steps(checkpoints)
+        seen.update(now)
+        if now != last:
+            last, stable_since = now, time.monotonic()
+        time.sleep(0.5)
+    return seen
+
+
 def test_train_kill_resume_export_serve(tmp_path, tiny_text_model, sentiment_tsv):
     job = _job(tmp_path, tiny_text_model, *sentiment_tsv)
     run_dir = tmp_path / "runs" / "tiny-sentiment" / "r1"
@@ -65,9 +79,9 @@ def test_train_kill_resume_export_serve(tmp_path, tiny_text_model, sentiment_tsv
     assert first.poll() is None, "the first run ended before it could be interrupted:\n" + first.stdout.read()
     os.killpg(first.pid, signal.SIGKILL)
     first.wait(timeout=30)
-    saved = _complete_steps(checkpoints)
+    saved = _steps_seen_after_kill(checkpoints)
     assert saved, "no complete checkpoint before the kill"
-    for directory in saved.values():  # one shard per rank
+    for directory in (d for d in saved.values() if d.exists()):  # one shard per rank (Ray may prune some)
         assert sorted(p.name for p in directory.glob("rank_*")) == ["rank_00000", "rank_00001"]
     assert max(saved) < TOTAL_STEPS
 
@@ -79,7 +93,7 @@ def test_train_kill_resume_export_serve(tmp_path, tiny_text_model, sentiment_tsv
     starts = [r for r in records if r["event"] == "start"]
     assert len(starts) == 2 and starts[0]["step"] == 0
     resumed_at = starts[1]["step"]
-    assert resumed_at in saved and resumed_at > 0
+    assert resumed_at in saved and resumed_at > 0  # a step that was saved, not a restart from scratch
     train_steps = [r["step"] for r in records if r["event"] == "train"]
     assert train_steps == sorted(train_steps) and len(train_steps) == len(set(train_steps)), "the loss curve must join"
     assert records[-1] == {**records[-1], "event": "end", "step": TOTAL_STEPS}
