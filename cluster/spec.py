@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from cluster.scale_spec import DeepSpeedSpec, deepspeed_problems
+from cluster.spec_paths import looks_like_local_path, path_problems, resolve_paths  # noqa: F401  (re-exported)
 from serving.config import ServeSpec
 from training.methods import METHODS
 from training.optim import OPTIMIZER_HELP, OptimizerName, optimizer_problems
@@ -352,14 +353,14 @@ def validate_job(
     # message holds every problem, not only the first layer of them.
     partial = spec if spec is not None else _valid_sections(data)
     problems.extend(_cross_field_problems(partial))
-    path_problems = _path_problems(partial, base)
-    problems.extend(path_problems)
-    if check_data and not path_problems and partial.data is not None and partial.task in TASKS:
-        resolved = _resolve_paths(spec, base) if spec is not None else partial
+    missing = [Problem(path=k, message=m, value=v) for k, m, v in path_problems(partial, base)]
+    problems.extend(missing)
+    if check_data and not missing and partial.data is not None and partial.task in TASKS:
+        resolved = resolve_paths(spec, base) if spec is not None else partial
         problems.extend(Problem(path=p, message=m, value=v) for p, m, v in TASKS.get(partial.task).check_data(resolved))
     if problems:
         raise JobSpecError(problems, source)
-    return _resolve_paths(spec, base)
+    return resolve_paths(spec, base)
 
 
 def _valid_sections(data: dict[str, Any]) -> SimpleNamespace:
@@ -458,66 +459,3 @@ def _streaming_problems(spec: Any) -> list[Problem]:
         problems.append(Problem(path="data.validation", message="data.streaming needs a validation file (holding out "
                                 "a fraction of a stream would need a pass over all of it)", value=None))
     return problems
-
-
-def looks_like_local_path(value: str) -> bool:
-    """A hub id is `name` or `org/name`; anything with a file suffix, a leading ./ or /, or that exists is a path."""
-    if "://" in value:
-        return False
-    return (
-        value.startswith((".", "/", "~"))
-        or bool(re.search(r"\.(csv|tsv|txt|jsonl|json|parquet|conll|gz|bz2)$", value))
-        or Path(value).exists()
-        or value.count("/") > 1
-    )
-
-
-def _local_paths(spec: Any) -> list[tuple[str, str]]:
-    """(key path, value) of every field that may name a local file that must exist."""
-    fields = []
-    if spec.model is not None:
-        fields.append(("model", spec.model.path))
-    if spec.data is not None:
-        fields += [("data.train", spec.data.train), ("data.validation", spec.data.validation)]
-        if isinstance(spec.data.label_names, str):
-            fields.append(("data.label_names", spec.data.label_names))
-    if spec.scale is not None and spec.scale.deepspeed is not None and spec.scale.deepspeed.config is not None:
-        fields.append(("scale.deepspeed.config", spec.scale.deepspeed.config))
-    local = [(k, v) for k, v in fields if v is not None and (looks_like_local_path(v) or k == "scale.deepspeed.config")]
-    weights = spec.model.weights if spec.model is not None else None
-    if weights and "://" not in weights:  # a weights file: a URL, else always a local path
-        local.append(("model.weights", weights))
-    return local
-
-
-def _absolute(base: Path, value: str) -> str:
-    return str((base / Path(value).expanduser()).resolve())
-
-
-def _path_problems(spec: Any, base: Path) -> list[Problem]:
-    return [
-        Problem(path=key, message=f"no such file or directory: {_absolute(base, value)}", value=value)
-        for key, value in _local_paths(spec)
-        if not Path(_absolute(base, value)).exists()
-    ]
-
-
-def _resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
-    """The same spec with absolute local paths (the run directory keeps this one)."""
-    absolute = {key: _absolute(base, value) for key, value in _local_paths(spec)}
-    data = spec.data.model_copy(update={
-        "train": absolute.get("data.train", spec.data.train),
-        "validation": absolute.get("data.validation", spec.data.validation),
-        "label_names": absolute.get("data.label_names", spec.data.label_names),
-    })
-    model = spec.model.model_copy(update={"path": absolute.get("model", spec.model.path),
-                                          "weights": absolute.get("model.weights", spec.model.weights)})
-    storage = spec.output.storage
-    if "://" not in storage:
-        storage = _absolute(base, storage)
-    scale = spec.scale
-    if "scale.deepspeed.config" in absolute:
-        zero = scale.deepspeed.model_copy(update={"config": absolute["scale.deepspeed.config"]})
-        scale = scale.model_copy(update={"deepspeed": zero})
-    return spec.model_copy(update={"data": data, "model": model, "scale": scale,
-                                   "output": spec.output.model_copy(update={"storage": storage})})
