@@ -75,7 +75,7 @@ def build_export(dest: Path) -> Path:
 
 
 def child_serve(export: str, port: int, replicas: int, env_json: str | None, direct: bool, ingress: str,
-                batch: int, wait_ms: float, max_ongoing: int) -> None:
+                batch: int, wait_ms: float, max_ongoing: int, spec_json: str | None = None) -> None:
     import ray
 
     import serving.server as server_mod
@@ -88,7 +88,8 @@ def child_serve(export: str, port: int, replicas: int, env_json: str | None, dir
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="tfr-", dir="/tmp"),
              log_to_driver=False, configure_logging=False)
     spec = ServeSpec(min_replicas=replicas, max_replicas=replicas, num_cpus=2 / replicas,
-                     max_batch_size=batch, batch_wait_ms=wait_ms, max_ongoing_requests=max_ongoing)
+                     max_batch_size=batch, batch_wait_ms=wait_ms, max_ongoing_requests=max_ongoing,
+                     **json.loads(spec_json or "{}"))
     server = server_mod.start_server([export], names=["minilm"], port=port, settings=spec, ingress=ingress)
     url = f"{server.url}/v1/models/minilm/predict"
     if direct:  # the first replica's own port (direct ingress), bypassing the proxy
@@ -321,6 +322,7 @@ def main() -> None:
     parser.add_argument("--serve-batch", type=int, default=BATCH, help="ServeSpec.max_batch_size")
     parser.add_argument("--serve-wait-ms", type=float, default=WAIT_MS, help="ServeSpec.batch_wait_ms")
     parser.add_argument("--serve-max-ongoing", type=int, default=64, help="ServeSpec.max_ongoing_requests")
+    parser.add_argument("--serve-spec", help='more ServeSpec fields as JSON, e.g. \'{"access_log": false}\'')
     parser.add_argument("--direct", action="store_true", help="load the replica's own port (direct ingress)")
     parser.add_argument("--priority", action="store_true",
                         help="root: give the benchmark's processes top CPU priority (nice and autogroup -20), "
@@ -335,7 +337,7 @@ def main() -> None:
 
     if args.child == "serve":
         return child_serve(args.export_dir, args.port, args.replicas, args.serve_env, args.direct, args.ingress,
-                           args.serve_batch, args.serve_wait_ms, args.serve_max_ongoing)
+                           args.serve_batch, args.serve_wait_ms, args.serve_max_ongoing, args.serve_spec)
     if args.child == "pipeline":
         return child_pipeline(args.export_dir, args.port)
     if args.child == "selfbatch":
@@ -352,6 +354,7 @@ def main() -> None:
         port = str(free_port())
         extra = ["--serve-env", args.serve_env] if args.serve_env is not None else []
         extra += ["--direct"] if args.direct else []
+        extra += ["--serve-spec", args.serve_spec] if args.serve_spec else []
         extra += ["--ingress", args.ingress, "--text", args.text, "--serve-batch", str(args.serve_batch),
                   "--serve-wait-ms", str(args.serve_wait_ms), "--serve-max-ongoing", str(args.serve_max_ongoing)]
         child = {
@@ -374,7 +377,7 @@ def main() -> None:
                 ratios[f"{serve_name}/{base}"] = round(rps(serve_name) / rps(base), 2)
     summary = {"requests": args.requests, "concurrency": args.concurrency, "text": args.text, "text_chars": len(TEXT),
                "priority": args.priority, "serve_batch": args.serve_batch, "serve_wait_ms": args.serve_wait_ms,
-               "serve_max_ongoing": args.serve_max_ongoing, "serve_env": args.serve_env, "direct": args.direct, "ingress": args.ingress, "results": results, "ratios": ratios,
+               "serve_max_ongoing": args.serve_max_ongoing, "serve_spec": args.serve_spec, "serve_env": args.serve_env, "direct": args.direct, "ingress": args.ingress, "results": results, "ratios": ratios,
                "targets": {"serve/pipeline": ">= 3.5", "serve/selfbatch": ">= 0.9", "serve p99_ms": "<= 150"}}
     print(f"\n{'scenario':10s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'CPU ms/req':>10s}  load 1m")
     for name, r in results.items():

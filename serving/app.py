@@ -2,9 +2,9 @@
 
 Built for speed on few cores (see ENVIRONMENT.md, "Ray Serve"): each model's
 ingress deployment is its FastAPI app *and* holds the model, so a request makes
-no hop between deployments; `@serve.batch` gathers inputs from concurrent
-requests into one forward pass; `max_ongoing_requests` exceeds the batch size so
-batches can fill.
+no hop between deployments; a `Batcher` (serving/batching.py) gathers inputs from
+concurrent requests into one forward pass, closing a batch only when the model is
+free; `max_ongoing_requests` exceeds the batch size so batches can fill.
 
     /                      root app: /healthz, /v1/models, 404 JSON for unknown models
     /v1/models/{name}      one app per model: GET / (its card), POST /predict
@@ -22,6 +22,7 @@ from ray import serve
 from ray.serve import Application
 
 from serving.auth import token_source
+from serving.batching import Batcher
 from serving.catalog import ServedModel
 from serving.config import ServeSpec
 from serving.errors import ServingError, install_error_handlers
@@ -66,12 +67,11 @@ def build_model_app(model: ServedModel, spec: ServeSpec, env_vars: dict[str, str
             self.handler = load_handler(model.export_dir, spec)
             token_source(spec)  # an unreadable auth token fails the replica's start, not each request
             self.metrics = model_metrics(model.name)
+            self.batcher = Batcher(self.handler.run_batch, spec.max_batch_size, spec.batch_wait_ms / 1000,
+                                   observe=self.metrics.batch_size)
 
-        @serve.batch(max_batch_size=spec.max_batch_size, batch_wait_timeout_s=spec.batch_wait_ms / 1000)
-        async def run_batch(self, items: list[Any]) -> list[Any]:
-            self.metrics.batch_size(len(items))
-            # Off the event loop: it keeps reading requests (the next batch) while torch computes.
-            return await asyncio.to_thread(self.handler.run_batch, items)
+        async def run_batch(self, item: Any) -> Any:
+            return await self.batcher.submit(item)
 
         @api.get("/", response_model=ModelCard)
         async def card(self) -> dict[str, Any]:

@@ -3,7 +3,7 @@
     tunefleet_requests_total{model, route, method, code}      requests answered, by HTTP status
     tunefleet_errors_total{model, code}                       requests answered with a 4xx or 5xx
     tunefleet_request_duration_seconds{model, route, method}  latency histogram (body read to last byte)
-    tunefleet_batch_size{model}                               inputs per forward pass (@serve.batch)
+    tunefleet_batch_size{model}                               inputs per forward pass (dynamic batching)
 
 Ray exports them (prefixed `ray_`, with its deployment/replica/worker labels) on each node's metrics
 port, the one a Prometheus scraping a Ray cluster already reads. `GET /metrics` on the server gathers
