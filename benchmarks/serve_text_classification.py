@@ -76,17 +76,16 @@ def build_export(dest: Path) -> Path:
 
 def child_serve(export: str, port: int, replicas: int, env_json: str | None, direct: bool, ingress: str,
                 batch: int, wait_ms: float, max_ongoing: int, spec_json: str | None = None) -> None:
-    import ray
+    from cluster.runtime import ray_session  # first: Ray as `tunefleet serve` starts it (workers at normal nice)
 
+    import ray
     import serving.server as server_mod
     from serving import ServeSpec
 
     if env_json is not None:
         server_mod.SERVE_ENV_VARS.update(json.loads(env_json))
-    if os.getpriority(os.PRIO_PROCESS, 0) < 0:  # --priority: Ray's workers keep it (Ray adds +15 by default)
-        os.environ["RAY_worker_niceness"] = "0"
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="tfr-", dir="/tmp"),
-             log_to_driver=False, configure_logging=False)
+    session = ray_session(num_cpus=2)
+    session.__enter__()
     spec = ServeSpec(min_replicas=replicas, max_replicas=replicas, num_cpus=2 / replicas,
                      max_batch_size=batch, batch_wait_ms=wait_ms, max_ongoing_requests=max_ongoing,
                      **json.loads(spec_json or "{}"))
@@ -101,7 +100,7 @@ def child_serve(export: str, port: int, replicas: int, env_json: str | None, dir
     print(f"READY {url}", flush=True)
     server_mod._wait_for_signal()
     server.shutdown()
-    ray.shutdown()
+    session.__exit__(None, None, None)
 
 
 def child_pipeline(export: str, port: int) -> None:

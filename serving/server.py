@@ -17,6 +17,7 @@ own HTTP server (Serve's direct ingress). On 2 cores with MiniLM that took Serve
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import signal
@@ -86,6 +87,40 @@ def ingress_env_vars(mode: str = "haproxy") -> dict[str, str]:
     }
 
 
+# The page HAProxy answers itself when no replica can take a request (all starting, stopping or dead;
+# a replica that died mid-answer). Ray writes it as a plain-text "500 Internal Server Error" for 502,
+# 503 and 504 alike; a client should get what every other refusal here gives: JSON, 503, Retry-After.
+HAPROXY_ERROR_PAGE = "500.http"  # the name Ray's HAProxyManager gives it, in <config folder>/<node id>/
+
+
+def json_unavailable_page(state_dir: Path, retry_after_s: int, give_up: threading.Event) -> bool:
+    """Replace Ray's HAProxy error page with a JSON 503 as soon as Ray has written its own.
+
+    Ray writes the page when its HAProxy manager starts (during the first deploy), and HAProxy reads
+    it whenever it (re)loads its config, which Ray does for every change of the replica set: the
+    replicas that come up after this put it in force before the server answers. False (and a
+    warning) when Ray wrote no page before `give_up` is set (a Serve started earlier with other
+    settings, or another Ray version's layout).
+    """
+    while not (pages := sorted(state_dir.glob(f"*/{HAPROXY_ERROR_PAGE}"))):  # <state>/<node id>/500.http
+        if give_up.wait(0.02):
+            logger.warning("HAProxy's error page never appeared under %s (Serve was running already?); HAProxy's "
+                           "own answers stay Ray's plain-text 500", state_dir)
+            return False
+    body = json.dumps({
+        "error": "no replica could answer this request (starting, stopping or restarting after a failure); "
+                 f"retry after {retry_after_s} s",
+        "detail": {"retry_after_s": retry_after_s},
+    }).encode()
+    head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: {retry_after_s}"
+            f"\r\nCache-Control: no-store\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    for page in pages:  # this node's HAProxy (the one `tunefleet serve` runs beside)
+        staged = page.with_suffix(".tunefleet")
+        staged.write_bytes(head + body)
+        staged.replace(page)  # HAProxy never reads half a page
+    return True
+
+
 @dataclass
 class RunningServer:
     """Handle on a started server: where it listens, what it serves, how to stop it."""
@@ -145,22 +180,31 @@ def start_server(
     ingress: str = "haproxy",
     ready_timeout_s: float = 300,
     plan: ServePlan | None = None,
+    env_vars: dict[str, str] | None = None,
 ) -> RunningServer:
     """Deploy every export (or a serve file's `plan`) and return once each answers over HTTP (Ray must be initialized).
 
     Full models get an application each; adapters sharing a base get one pool of base-model replicas
     (serving/multiplex.py) reached through the root application. `ingress` picks how requests reach
     replicas (see `ingress_env_vars`); it applies when this call starts Serve's controller, i.e. unless
-    Serve already runs in this Ray.
+    Serve already runs in this Ray. `env_vars` go into the environment of Serve's controller and of
+    every replica (storage credentials, an auth token's variable) when the Ray cluster was started
+    without them.
     """
     if plan is None:
         plan = plan_exports(list(export_dirs or []), names, settings)  # every problem before any Ray time
     spec = settings or plan.settings
-    env = {**ingress_env_vars(ingress), **SERVE_ENV_VARS}
+    env = {**ingress_env_vars(ingress), **SERVE_ENV_VARS, **(env_vars or {})}
     serve.start(
         http_options={"host": host, "port": port},
         controller_options={"runtime_env": {"env_vars": env}} if env else None,
     )
+    page_writer, deployed = None, threading.Event()
+    if "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC" in env:  # Ray writes its page once HAProxy starts, during the deploy
+        page_writer = threading.Thread(target=json_unavailable_page, daemon=True, name="tunefleet-haproxy-page",
+                                       args=(Path(env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]).parent,
+                                             spec.retry_after_s, deployed))
+        page_writer.start()
     models = plan.full_models
 
     def adapter_routes(api) -> None:
@@ -174,6 +218,9 @@ def start_server(
     serve.run_many(targets)
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}"
     _wait_until_answering(url, models, ready_timeout_s)
+    if page_writer is not None:
+        page_writer.join(timeout=5)  # HAProxy answers, so Ray wrote its page, unless this Serve was already running
+        deployed.set()
     return RunningServer(url=url, models=models, state_dir=env.get("RAY_SERVE_HAPROXY_SERVER_STATE_BASE"),
                          adapters=list(plan.adapters), endpoint_id=plan.endpoint_id)
 

@@ -12,6 +12,7 @@ The figures each test measured are printed (run with -s to see them).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -232,3 +233,47 @@ def test_more_requests_than_a_replica_holds_get_json_503_with_retry_after(start,
         assert "server busy" in answer.json()["error"]
     with httpx.Client(base_url=server.url, timeout=120) as own:
         assert own.post(path, json={"inputs": "and now it answers"}).status_code == 200
+
+
+def test_killing_the_only_replica_never_answers_500(start) -> None:
+    """The only replica killed: requests wait for Serve's new replica (its proxy stands in) or get a JSON 503;
+    HAProxy's own error page is tunefleet's JSON 503, not Ray's plain-text 500. Only requests in flight
+    at the kill may lose their connection."""
+    from serving import ServeSpec
+    from serving.server import HAPROXY_ERROR_PAGE
+
+    server = start(ServeSpec(min_replicas=1, max_replicas=1, num_cpus=0.5, retry_after_s=3))
+    [page] = Path(server.state_dir).glob(f"*/{HAPROXY_ERROR_PAGE}")  # one node: its HAProxy's page
+    head, _, body = page.read_bytes().partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 3" in head, head
+    assert "no replica could answer" in json.loads(body)["error"]
+    config = (page.parent / "haproxy.cfg").read_text()
+    assert f"errorfile 503 {page}" in config and f"errorfile 502 {page}" in config
+
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        assert client.post(PREDICT, json=BODY).status_code == 200
+        [pid] = _replica_pids(MODEL)
+        os.kill(pid, signal.SIGKILL)
+        killed_at, answers = time.monotonic(), []
+        while time.monotonic() - killed_at < 60:
+            sent = time.monotonic()
+            try:
+                answer = client.post(PREDICT, json=BODY)
+                answers.append((sent, answer.status_code, answer))
+            except httpx.TransportError as exc:
+                answers.append((sent, type(exc).__name__, None))
+                continue
+            if answer.status_code == 200 and set(_replica_pids(MODEL)) - {pid}:
+                break
+            time.sleep(0.05)
+    codes = [code for _, code, _ in answers]
+    print(f"\nonly replica killed: {len(codes)} requests until a new replica answered "
+          f"{time.monotonic() - killed_at:.1f} s after the kill; outcomes {codes[:20]}")
+    assert codes[-1] == 200, codes[-10:]
+    for sent, code, answer in answers:
+        if isinstance(code, str):  # a connection cut: only for what was sent right at the kill
+            assert sent - killed_at < 1, (code, sent - killed_at)
+        else:
+            assert code in (200, 503), (code, answer.text)
+            if code == 503:
+                assert answer.headers["retry-after"] == "3" and answer.json()["error"]

@@ -37,7 +37,6 @@ def adapters(tiny_text_model: Path, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def server(local_ray, tiny_export: Path, tiny_text_model: Path, adapters: dict[str, Path],
            tmp_path_factory) -> Iterator:
-    from serving import server as server_module
     from serving import start_server
     from serving.servefile import load_serve_file
 
@@ -56,13 +55,7 @@ def server(local_ray, tiny_export: Path, tiny_text_model: Path, adapters: dict[s
     # keep an adapter's requests on the replica that loaded it): each replica must load a newly added adapter
     # and answer for it (test_serve_add_answers_at_once_on_every_replica), and batches mix adapters. An LRU
     # of one adapter per replica makes every switch an eviction and a reload.
-    saved = dict(server_module.SERVE_ENV_VARS)
-    server_module.SERVE_ENV_VARS[TOKEN_ENV] = TOKEN  # the replicas' environment
-    try:
-        running = start_server(port=_free_port(), plan=load_serve_file(serve_file))
-    finally:
-        server_module.SERVE_ENV_VARS.clear()
-        server_module.SERVE_ENV_VARS.update(saved)
+    running = start_server(port=_free_port(), plan=load_serve_file(serve_file), env_vars={TOKEN_ENV: TOKEN})
     try:
         yield running
     finally:
