@@ -35,11 +35,18 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         finally:
             ray.shutdown()
         return
+    # One machine, nothing to preempt: no Ray Train preemption-watcher actor (a process importing Ray
+    # Train, ~1 s of CPU on the way to the first step).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # Short path: Ray's unix sockets live under the temp dir (path length is limited).
     temp_dir = tempfile.mkdtemp(prefix="tfray-", dir="/tmp")
     ray.init(
         num_cpus=num_cpus or os.cpu_count(),
-        include_dashboard=False,
+        # On (127.0.0.1, Ray's port or the next free one): Ray's state API needs it, and Ray Train's
+        # placement-group cleaner asks it every few seconds, warning in the terminal when it cannot.
+        # It starts beside Ray's other processes: no later first step (benchmarks/train_text_classification.py).
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
         _temp_dir=temp_dir,
         log_to_driver=True,
         configure_logging=True,

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,7 +23,6 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from transformers import get_scheduler
 
 from training import deepspeed_engine
 from training.batching import batches_per_epoch, epoch_batches, evaluation_batches
@@ -34,7 +34,7 @@ from training.losses import class_weights_for, count_targets
 from training.methods import METHODS, count_parameters
 from training.feature_cache import cached_features
 from training.model_builder import build_training_model
-from training.optim import build_optimizer, parameter_groups
+from training.optim import build_optimizer, lr_schedule, parameter_groups
 from training.storage import StorageDir
 from training.streaming import stream_epoch
 from training.tasks import TASKS, selection_metric
@@ -80,8 +80,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
 
     def make_scheduler(optimizer):
-        return get_scheduler(t.scheduler, optimizer, num_warmup_steps=int(t.warmup_ratio * total_steps),
-                             num_training_steps=total_steps)
+        return lr_schedule(t.scheduler, optimizer, int(t.warmup_ratio * total_steps), total_steps)
 
     weights = class_weights_for(t.class_weights, prepared.label_counts)
     loss_fn = task.build_loss(weights, t.label_smoothing, device)
@@ -116,7 +115,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     bare = model.module if hasattr(model, "module") else model
     features = cached_features(spec, bare)  # head + cache_features: the backbone runs once per example
     scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
-    tracker = _rank0_tracker(spec, storage, config.get("mlflow_tracking_uri"), state.step) if rank == 0 else None
+    # Opening the tracker (importing MLflow, joining the driver's run: seconds) overlaps the first step.
+    tracker = _in_background(_rank0_tracker, spec, storage, config.get("mlflow_tracking_uri"), state.step) \
+        if rank == 0 else None
     log = _MetricsLog(storage, rank == 0, keep_until_step=state.step, tracker=tracker)
     if plan is not None and rank == 0:
         log.write({"event": "resume", "step": state.step, "from_world_size": plan.manifest["world_size"],
@@ -341,6 +342,13 @@ def _evaluate(model, forward, rows, lengths, collate, loss_fn, task, labels, bat
     return {**task.compute_metrics(all_predictions, all_references, labels, eval_loss), "eval_loss": eval_loss}
 
 
+def _in_background(fn, *args) -> Future:
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tunefleet-tracker")
+    future = executor.submit(fn, *args)
+    executor.shutdown(wait=False)
+    return future
+
+
 def _rank0_tracker(spec: Any, storage: StorageDir, driver_uri: str | None, step: int) -> ExperimentTracker | None:
     """The driver's MLflow run, rejoined (tracking.json); TensorBoard drops an earlier attempt's events past `step`."""
     if driver_uri:  # the driver's $MLFLOW_TRACKING_URI: this worker may run on a node without it
@@ -360,8 +368,9 @@ class _MetricsLog:
     every checkpoint and at the end: object stores cannot append."""
 
     def __init__(self, storage: StorageDir, enabled: bool, keep_until_step: int,
-                 tracker: ExperimentTracker | None = None) -> None:
-        self.storage, self.enabled, self.tracker = storage, enabled, tracker
+                 tracker: Future | None = None) -> None:
+        self.storage, self.enabled, self._opening = storage, enabled, tracker
+        self._unsent: list[dict[str, Any]] = []  # records written while the tracker was still opening
         if not enabled:
             return
         self.staging = storage.local_path or Path(tempfile.mkdtemp(prefix="tunefleet-metrics-"))
@@ -374,14 +383,27 @@ class _MetricsLog:
                     if line.strip() and json.loads(line).get("step", 0) <= keep_until_step]
             self.path.write_text("".join(line + "\n" for line in kept))
 
+    def _send(self, record: dict[str, Any] | None, wait: bool = False) -> None:
+        """Records go to the tracker in order; until it is open they wait here (none is lost)."""
+        if self._opening is None:
+            return
+        if record is not None:
+            self._unsent.append(record)
+        if not (wait or self._opening.done()):
+            return
+        tracker = self._opening.result()
+        if tracker is not None:
+            for queued in self._unsent:
+                tracker.log_record(queued)
+        self._unsent.clear()
+
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         record = {**record, "time": time.time()}
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
-        if self.tracker is not None:
-            self.tracker.log_record(record)
+        self._send(record)
 
     def flush(self) -> None:
         if self.enabled and self.storage.local_path is None:
@@ -389,8 +411,10 @@ class _MetricsLog:
 
     def close(self) -> None:
         self.flush()
-        if self.tracker is not None:
-            self.tracker.close()  # the driver ends the MLflow run after export and report
+        self._send(None, wait=True)
+        tracker = self._opening.result() if self._opening is not None else None
+        if tracker is not None:
+            tracker.close()  # the driver ends the MLflow run after export and report
         if self.enabled and self.storage.local_path is None:
             shutil.rmtree(self.staging, ignore_errors=True)
 

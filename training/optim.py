@@ -90,3 +90,40 @@ def build_optimizer(name: str, groups: list[dict], learning_rate: float, device:
     import bitsandbytes.optim
 
     return getattr(bitsandbytes.optim, class_name)(groups, lr=learning_rate), name
+
+
+def lr_schedule(name: Literal["linear", "cosine", "constant"], optimizer: torch.optim.Optimizer,
+                warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate schedule, the same multipliers as `transformers.get_scheduler(name, ...)`.
+
+    Why not call transformers: importing `transformers.optimization` imports `trainer_utils`, which
+    imports peft and, through it, bitsandbytes: ~3 s in every training worker before its first step
+    (`python -X importtime -c "import transformers.optimization"`), for three one-line formulas.
+    Same state as transformers' (a LambdaLR), so checkpoints resume either way;
+    tests/training/test_optim.py checks every step against transformers.
+    """
+    warmup, total = warmup_steps, total_steps
+
+    def warming(step: int) -> float | None:
+        return step / max(1, warmup) if step < warmup else None
+
+    def linear(step: int) -> float:
+        rising = warming(step)
+        return rising if rising is not None else max(0.0, (total - step) / max(1, total - warmup))
+
+    def cosine(step: int) -> float:  # half a cosine from the peak to 0, as transformers' num_cycles=0.5
+        import math
+
+        rising = warming(step)
+        if rising is not None:
+            return rising
+        progress = (step - warmup) / max(1, total - warmup)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    def constant(step: int) -> float:  # transformers' "constant": no warmup
+        return 1.0
+
+    multipliers = {"linear": linear, "cosine": cosine, "constant": constant}
+    if name not in multipliers:
+        raise ValueError(f"unknown scheduler {name!r}; one of {', '.join(multipliers)}")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, multipliers[name])

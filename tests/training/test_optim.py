@@ -88,3 +88,46 @@ def test_paged_8bit_adamw_trains_on_cuda():
         optimizer.zero_grad()
         first = first if first is not None else loss.item()
     assert loss.item() < 0.5 * first
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "constant"])
+@pytest.mark.parametrize("warmup,total", [(0, 10), (3, 20), (6, 100)])
+def test_lr_schedule_matches_transformers_at_every_step(name: str, warmup: int, total: int) -> None:
+    from transformers import get_scheduler
+
+    from training.optim import lr_schedule
+
+    def rates(make) -> list[float]:
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+        scheduler = make(optimizer)
+        seen = []
+        for _ in range(total + 2):
+            seen.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+        return seen
+
+    ours = rates(lambda o: lr_schedule(name, o, warmup, total))
+    theirs = rates(lambda o: get_scheduler(name, o, num_warmup_steps=warmup, num_training_steps=total))
+    assert ours == pytest.approx(theirs, abs=1e-12)
+
+
+def test_lr_schedule_state_resumes_across_implementations() -> None:
+    """A checkpoint's scheduler state (LambdaLR) loads into either implementation at the same step."""
+    from transformers import get_scheduler
+
+    from training.optim import lr_schedule
+
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+    old = get_scheduler("linear", optimizer, num_warmup_steps=2, num_training_steps=10)
+    for _ in range(4):
+        optimizer.step()
+        old.step()
+    fresh = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+    new = lr_schedule("linear", fresh, 2, 10)
+    new.load_state_dict(old.state_dict())
+    fresh.load_state_dict(optimizer.state_dict())
+    assert new.last_epoch == 4 and new.get_last_lr() == pytest.approx(old.get_last_lr())
+    fresh.step()
+    new.step()
+    assert fresh.param_groups[0]["lr"] == pytest.approx(1e-3 * (10 - 5) / (10 - 2))  # step 5 of 10, warmup 2
