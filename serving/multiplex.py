@@ -111,6 +111,8 @@ class LoadedAdapter:
     def __init__(self, stack, model_id: str, local: Path, handler, task: str) -> None:
         self.stack, self.model_id, self.local, self.handler = stack, model_id, local, handler
         self.evicted = False
+        # Work outside batches (a streamed generation) holds the base with this adapter active.
+        handler.exclusive = lambda fn: stack.run(model_id, local, fn)
         # Adapters with equal mix keys share one forward pass in a batch: same tokenizer, same max length.
         self.mix_key = ((tokenizer_fingerprint(local), getattr(handler, "max_length", None))
                         if stack.mixes and task in MIXED_BATCH_SPLIT else None)
@@ -233,6 +235,22 @@ def build_adapter_pool_app(pool: AdapterPool, env_vars: dict[str, str] | None = 
             outputs = await asyncio.gather(*(self.run_batch((entry.model_id, item)) for item in items))
             predictions = [adapter.handler.format(output, request) for output in outputs]
             return {"model": entry.name, "predictions": predictions, "replica": self.replica}
+
+        async def openai(self, entry: AdapterEntry, route: str, request: Any) -> dict[str, Any]:
+            """An OpenAI completion or chat request for a causal-LM adapter (the root's /v1/... routes)."""
+            self.entries[entry.model_id] = entry
+            adapter = await self.adapter(entry.model_id)
+            items = adapter.handler.openai_prepare(route, request)
+            outputs = await asyncio.gather(*(self.run_batch((entry.model_id, item)) for item in items))
+            return adapter.handler.openai_format(route, request, outputs)
+
+        async def openai_stream(self, entry: AdapterEntry, route: str, request: Any):
+            """The same, streamed: server-sent events as tokens are generated (the adapter holds the base meanwhile)."""
+            self.entries[entry.model_id] = entry
+            adapter = await self.adapter(entry.model_id)
+            events = adapter.handler.openai_stream(route, request)
+            while (event := await asyncio.to_thread(next, events, None)) is not None:
+                yield event
 
         async def attached(self) -> dict[str, Any]:
             """This replica's attached adapters (model ids), for tests and operators."""

@@ -221,11 +221,15 @@ def install_openai_routes(api: FastAPI, models: list[Any], generative: set[str])
         return handles[name]
 
     async def forward(route: str, request: CompletionRequest | ChatCompletionRequest):
-        handle = handle_for(request.model)
+        adapters = getattr(api.state, "openai_adapters", None)  # serving/registration.py: adapters over a pool
+        if request.model not in tasks and adapters is not None:
+            handle, args = await adapters(request.model)
+        else:
+            handle, args = handle_for(request.model), ()
         try:
             if not request.stream:
-                return JSONResponse(await handle.openai.remote(route, request))
-            chunks = handle.options(stream=True).openai_stream.remote(route, request)
+                return JSONResponse(await handle.openai.remote(*args, route, request))
+            chunks = handle.options(stream=True).openai_stream.remote(*args, route, request)
             first = await chunks.__anext__()  # limits are checked before the first event: a 4xx, not a broken stream
         except Exception as exc:
             error = _as_serving_error(exc)

@@ -195,6 +195,19 @@ def install_adapter_routes(
                 raise
             raise error from None
 
+    async def openai_target(name: str) -> tuple[Any, tuple[AdapterEntry]]:
+        """(pool handle, leading args) for an OpenAI request naming a causal-LM adapter (serving/openai_compat.py)."""
+        entry = await lookup(name)
+        if entry.info.task != "causal-lm":
+            raise ServingError(400, f"model {name!r} is a {entry.info.task} adapter; the OpenAI routes serve "
+                               "text generation (causal-lm) models", {"task": entry.info.task})
+        handle = pool_handle(entry.pool)
+        if affinity(by_app[entry.pool]):
+            handle = handle.options(multiplexed_model_id=entry.model_id)
+        return handle, (entry,)
+
+    api.state.openai_adapters = openai_target
+
     @api.get("/v1/models", response_model=ModelList)
     async def list_models() -> dict[str, Any]:
         registered = [AdapterEntry.from_json(e) for e in await the_registry().all.remote()]

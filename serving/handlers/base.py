@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -32,6 +32,11 @@ class TaskHandler(ABC):
     def __init__(self, info: ExportInfo, spec: ServeSpec) -> None:
         self.info = info
         self.spec = spec
+
+    def exclusive(self, fn: Callable[[], Any]) -> Any:
+        """`fn()` with the model to itself. Work outside `run_batch` (a streamed generation) goes through
+        this: an adapter pool (serving/multiplex.py) makes it activate the adapter and hold the base model."""
+        return fn()
 
     @classmethod
     @abstractmethod

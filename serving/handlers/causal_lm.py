@@ -242,8 +242,8 @@ class CausalLMHandler(TaskHandler):
         def work() -> None:
             try:
                 with torch.inference_mode():
-                    out = self.model.generate(input_ids=ids, attention_mask=mask, streamer=streamer,
-                                              stopping_criteria=[cancel], **kwargs)
+                    out = self.exclusive(lambda: self.model.generate(
+                        input_ids=ids, attention_mask=mask, streamer=streamer, stopping_criteria=[cancel], **kwargs))
                 result["new_ids"] = out[0, ids.shape[1]:].tolist()
             except BaseException as exc:  # surfaced to the consumer below
                 result["error"] = exc
