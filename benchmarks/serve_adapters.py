@@ -28,7 +28,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,15 +38,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import free_port, stop_scenario  # noqa: E402
+
 TEXT = ("Wall St. Bears Claw Back Into the Black (Reuters) Reuters - Short-sellers, Wall Street's dwindling "
         "band of ultra-cynics, are seeing green again as the stock market recovers from a summer slump.")
 LABELS = ["negative", "positive"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_adapters(dest: Path, count: int) -> list[Path]:
@@ -201,7 +196,7 @@ def memory(session_id: int) -> dict:
             pss = _kib(proc / "smaps_rollup", "Pss") / 1024
         except (OSError, IndexError, ValueError):
             continue
-        if title.startswith("ray::ServeReplica:") and f"ServeReplica:_root:" not in title:
+        if title.startswith("ray::ServeReplica:") and "ServeReplica:_root:" not in title:
             replicas.append({"title": title, "rss_mib": round(rss), "pss_mib": round(pss)})
             continue
         role = _role(title)
@@ -271,13 +266,7 @@ def run_scenario(name: str, exports: list[str], args: argparse.Namespace) -> dic
         result["memory"] = memory(proc.pid)
         return result
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_scenario(proc)
 
 
 def main() -> None:

@@ -24,8 +24,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from common import free_port, stop_scenario  # noqa: E402
 
 TEXTS = {
     # An AG News item: ~50 tokens, the data set's mean length.
@@ -44,12 +44,6 @@ TEXTS = {
 }
 TEXT = TEXTS["news"]  # set from --text in main()
 BATCH, WAIT_MS = 16, 5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_export(dest: Path) -> Path:
@@ -300,13 +294,7 @@ def run_scenario(name: str, child_args: list[str], args: argparse.Namespace) -> 
         result["url"] = url
         return result
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_scenario(proc)
 
 
 def main() -> None:
