@@ -199,7 +199,9 @@ CORPUS: list[tuple[str, str, str, dict[str, Any], int, str]] = [
     ("OpenAI route on a classifier", "POST", "/v1/completions", {"json": {"model": TEXT_MODEL, "prompt": "hi"}},
      400, "text-classification model"),
     ("OpenAI route, path-like model", "POST", "/v1/completions", {"json": {"model": "../x", "prompt": "hi"}},
-     404, "unknown model"),
+     400, "invalid model name '../x'"),  # as on /v1/models/{name}: a name is never looked up in the registry
+    ("OpenAI route, unknown model", "POST", "/v1/chat/completions",
+     {"json": {"model": "nope", "messages": [{"role": "user", "content": "hi"}]}}, 404, "unknown model 'nope'"),
     # missing or wrong auth
     ("no token", "POST", TEXT, {"json": {"inputs": "a"}, "headers": {"Authorization": ""}}, 401, "missing bearer"),
     ("wrong token", "POST", TEXT, {"json": {"inputs": "a"}, "headers": {"Authorization": "Bearer guess"}},
