@@ -22,6 +22,18 @@ os.environ.setdefault("RAY_worker_niceness", "0")
 import ray  # noqa: E402
 
 
+# Loggers whose warnings mean nothing on a private local Ray (no dashboard, so no state API).
+_QUIET_ON_LOCAL_RAY = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+
+
+def quiet_worker_logs() -> None:
+    """Ray's worker_process_setup_hook for the private local Ray: runs in each worker as it starts."""
+    import logging
+
+    for name in _QUIET_ON_LOCAL_RAY:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 @contextmanager
 def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
     """Ray for the duration of a command: the given cluster, or a private local one."""
@@ -42,11 +54,11 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     temp_dir = tempfile.mkdtemp(prefix="tfray-", dir="/tmp")
     ray.init(
         num_cpus=num_cpus or os.cpu_count(),
-        # On (127.0.0.1, Ray's port or the next free one): Ray's state API needs it, and Ray Train's
-        # placement-group cleaner asks it every few seconds, warning in the terminal when it cannot.
-        # It starts beside Ray's other processes: no later first step (benchmarks/train_text_classification.py).
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
+        # Off: its processes cost training ~2.5% on 2 cores (docs/performance.md). Without it Ray's
+        # state API is down, and Ray Train's placement-group cleaner (which asks it whether the
+        # controller lives) would warn in the terminal every few seconds: every worker quiets that logger.
+        include_dashboard=False,
+        runtime_env={"worker_process_setup_hook": "cluster.runtime.quiet_worker_logs"},
         _temp_dir=temp_dir,
         log_to_driver=True,
         configure_logging=True,
