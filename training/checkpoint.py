@@ -18,7 +18,8 @@ there at that size (an upload cut short leaves a checkpoint that never counts).
 
 Loading never unpickles code from tunefleet's files: weights are safetensors,
 and the `.pt` files hold tensors and plain containers only, read with
-`weights_only=True`. DeepSpeed's own files are read by DeepSpeed.
+`weights_only=True`. DeepSpeed's own files are checked and read weights-only too
+(training/deepspeed_engine.py).
 
 Resume (`plan_resume`, `restore`) says what holds:
 - same workers, same mode (DDP, or DeepSpeed at the same stage): exact: weights,

@@ -25,8 +25,13 @@ settings are used as written; batch size, accumulation and clipping still come f
 
 Checkpoints: every rank calls `engine.save_checkpoint` (a collective) and writes its own
 ZeRO partition (`zero/zero_pp_rank_<r>_mp_rank_00_optim_states.pt`, and under ZeRO-3 its
-`..._model_states.pt`). DeepSpeed reads its own files with `torch.load(weights_only=False)`:
-they come from this run's own checkpoint directory, never from a download.
+`..._model_states.pt`). DeepSpeed reads its files with `torch.load(weights_only=False)`,
+a full unpickler; a checkpoint on shared storage (S3) is not trusted that far. Resuming swaps
+the engine's checkpoint engine (DeepSpeed's pluggable reader/writer) for one that reads with
+`weights_only=True`, allowing the few DeepSpeed types its files hold. Consolidating for export
+goes through DeepSpeed's `zero_to_fp32`, which has no such seam: every file it will read is
+first checked with torch's weights-only scanner, which rejects any opcode or global outside
+that same allowlist.
 """
 
 from __future__ import annotations
@@ -38,6 +43,14 @@ from typing import Any, Callable
 import torch
 
 from training.layout import ZERO_TAG
+
+# The non-torch types DeepSpeed pickles into ZeRO checkpoints (fp32, bf16 and fp16 runs, stages 1-3).
+_CHECKPOINT_TYPES = (
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+    ("deepspeed.utils.tensor_fragment", "fragment_address"),
+)
 
 BUCKET_ELEMENTS = 50_000_000
 
@@ -145,8 +158,47 @@ def save(engine, directory: Path) -> None:
                            exclude_frozen_parameters=True)
 
 
+def _allowed_types() -> list[type]:
+    import importlib
+
+    return [getattr(importlib.import_module(module), name) for module, name in _CHECKPOINT_TYPES]
+
+
+def check_pickles(directory: Path) -> None:
+    """Raise unless every ZeRO file under directory would load with `weights_only=True`."""
+    allowed = {f"{module}.{name}" for module, name in _CHECKPOINT_TYPES}
+    for path in sorted((Path(directory) / ZERO_TAG).glob("*.pt")):
+        try:
+            unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(path))) - allowed
+        except Exception as err:  # torch raises UnpicklingError, EOFError, RuntimeError for bad files
+            raise ValueError(f"{path}: not a readable DeepSpeed checkpoint file ({err}); "
+                             "resume from another checkpoint or start a new run id") from err
+        if unsafe:
+            raise ValueError(f"{path}: refusing to unpickle {', '.join(sorted(unsafe))}; a DeepSpeed checkpoint "
+                             "holds tensors and DeepSpeed's own state only. Check where this checkpoint came from")
+
+
+def _safe_checkpoint_engine(engine):
+    """DeepSpeed's torch checkpoint engine, reading with `weights_only=True`."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(_allowed_types()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    current = engine.checkpoint_engine
+    if type(current) is not TorchCheckpointEngine:  # a reader the job's raw DeepSpeed config chose
+        return current
+    safe = WeightsOnlyCheckpointEngine.__new__(WeightsOnlyCheckpointEngine)
+    vars(safe).update(vars(current))  # the settings DeepSpeed chose, its save format included
+    return safe
+
+
 def load(engine, directory: Path) -> None:
     """Exact restore: this rank's partition of weights, optimizer moments and the LR schedule."""
+    check_pickles(directory)
+    engine.checkpoint_engine = _safe_checkpoint_engine(engine)
     path, _ = engine.load_checkpoint(str(directory), tag=ZERO_TAG, load_module_strict=False,
                                      load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
@@ -157,6 +209,8 @@ def consolidated_weights(directory: Path) -> dict[str, Any]:
     """Trainable fp32 weights gathered from every rank's partition, lazily: each tensor is read
     when `.contiguous()` is called, so loading them one by one never holds a second model copy."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    check_pickles(directory)
 
     return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=ZERO_TAG, exclude_frozen_parameters=True,
                                                     lazy_mode=True)

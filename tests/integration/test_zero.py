@@ -116,3 +116,43 @@ def test_lora_under_zero3_exports_a_trained_adapter(local_ray, deepspeed_ops, ti
     with torch.no_grad():
         loss = torch.nn.functional.cross_entropy(model(**batch).logits, gold).item()
     assert loss == pytest.approx(result.metrics["eval_loss"], abs=2e-4)
+
+
+class _RunsCode:
+    """What a tampered checkpoint file could hold: unpickling it calls a function of its choosing."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (self.marker,)
+
+
+def test_a_tampered_zero_file_is_refused_before_anything_unpickles_it(zero_runs, tmp_path):
+    """DeepSpeed unpickles its files with weights_only=False; tunefleet checks them first and resumes
+    through a weights-only reader, so a checkpoint on shared storage cannot run code in a worker."""
+    import shutil
+
+    from training import deepspeed_engine
+    from training.checkpoint import load_model_weights
+
+    run_dir, _, _ = zero_runs(2)
+    saved = complete_checkpoints(run_dir / "checkpoints")[0][0].local_path
+    deepspeed_engine.check_pickles(saved)  # DeepSpeed's own files pass as they are
+
+    copy = tmp_path / "checkpoint"
+    shutil.copytree(saved, copy)
+    target = sorted((copy / "zero").glob("*optim_states.pt"))[0]
+    marker = tmp_path / "ran"
+    torch.save({"optimizer_state_dict": _RunsCode(marker)}, target)
+    manifest = json.loads((copy / "manifest.json").read_text())  # tampered consistently: sizes match
+    manifest["files"][f"zero/{target.name}"] = target.stat().st_size
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=rf"{target.name}: refusing to unpickle posix\.mkdir"):
+        load_model_weights(copy, torch.nn.Linear(1, 1))
+    target.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=rf"{target.name}: not a readable DeepSpeed checkpoint file"):
+        deepspeed_engine.check_pickles(copy)
+    assert not marker.exists()
