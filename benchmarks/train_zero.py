@@ -90,7 +90,7 @@ def worker(config: dict) -> None:
 
     from training import deepspeed_engine
     from training.checkpoint import TrainState, plan_resume, restore, save_shard
-    from training.optim import parameter_groups
+    from training.optim import build_optimizer, parameter_groups
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -100,7 +100,7 @@ def worker(config: dict) -> None:
     model = BertForSequenceClassification.from_pretrained(config["model_dir"])
     options = SimpleNamespace(**{"config": None, "offload_optimizer": False, "offload_params": False, **config["zero"]})
     train = SimpleNamespace(batch_size=config["batch"], gradient_accumulation_steps=1, max_grad_norm=1.0)
-    optimizer = torch.optim.AdamW(parameter_groups(model, 1e-4, 0.01), lr=1e-4)
+    optimizer, _ = build_optimizer("adamw", parameter_groups(model, 1e-4, 0.01), 1e-4, torch.device("cpu"))
     engine = deepspeed_engine.initialize(model, optimizer, lambda o: get_scheduler("constant", o),
                                          deepspeed_engine.build_config(options, train, None, on_cuda=False))
     generator = torch.Generator().manual_seed(rank)
