@@ -25,18 +25,19 @@ settings are used as written; batch size, accumulation and clipping still come f
 
 Checkpoints: every rank calls `engine.save_checkpoint` (a collective) and writes its own
 ZeRO partition (`zero/zero_pp_rank_<r>_mp_rank_00_optim_states.pt`, and under ZeRO-3 its
-`..._model_states.pt`). DeepSpeed reads its files with `torch.load(weights_only=False)`,
-a full unpickler; a checkpoint on shared storage (S3) is not trusted that far. Resuming swaps
-the engine's checkpoint engine (DeepSpeed's pluggable reader/writer) for one that reads with
-`weights_only=True`, allowing the few DeepSpeed types its files hold. Consolidating for export
-goes through DeepSpeed's `zero_to_fp32`, which has no such seam: every file it will read is
-first checked with torch's weights-only scanner, which rejects any opcode or global outside
-that same allowlist.
+`..._model_states.pt`). DeepSpeed asks torch for its full unpickler when it reads them
+(`weights_only` turned off); a checkpoint on shared storage (S3) is not trusted that far. Every
+DeepSpeed read here (resume and the export's consolidation) runs inside `_weights_only_loads`:
+torch's documented `TORCH_FORCE_WEIGHTS_ONLY_LOAD` switch overrides the caller's choice, and
+`safe_globals` admits the four DeepSpeed types the files hold. `check_pickles` runs first so that
+a file holding anything else is refused with its path and the offending name.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,6 +52,8 @@ _CHECKPOINT_TYPES = (
     ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
     ("deepspeed.utils.tensor_fragment", "fragment_address"),
 )
+
+_FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # read by torch.load on every call
 
 BUCKET_ELEMENTS = 50_000_000
 
@@ -178,29 +181,28 @@ def check_pickles(directory: Path) -> None:
                              "holds tensors and DeepSpeed's own state only. Check where this checkpoint came from")
 
 
-def _safe_checkpoint_engine(engine):
-    """DeepSpeed's torch checkpoint engine, reading with `weights_only=True`."""
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-
-    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
-        def load(self, path: str, map_location=None):
-            with torch.serialization.safe_globals(_allowed_types()):
-                return torch.load(path, map_location=map_location, weights_only=True)
-
-    current = engine.checkpoint_engine
-    if type(current) is not TorchCheckpointEngine:  # a reader the job's raw DeepSpeed config chose
-        return current
-    safe = WeightsOnlyCheckpointEngine.__new__(WeightsOnlyCheckpointEngine)
-    vars(safe).update(vars(current))  # the settings DeepSpeed chose, its save format included
-    return safe
+@contextmanager
+def _weights_only_loads():
+    """Every `torch.load` in this block is weights-only, whatever its caller passes (DeepSpeed passes
+    False), with DeepSpeed's own checkpoint types allowed."""
+    previous = os.environ.get(_FORCE_WEIGHTS_ONLY)
+    os.environ[_FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals(_allowed_types()):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop(_FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[_FORCE_WEIGHTS_ONLY] = previous
 
 
 def load(engine, directory: Path) -> None:
     """Exact restore: this rank's partition of weights, optimizer moments and the LR schedule."""
     check_pickles(directory)
-    engine.checkpoint_engine = _safe_checkpoint_engine(engine)
-    path, _ = engine.load_checkpoint(str(directory), tag=ZERO_TAG, load_module_strict=False,
-                                     load_optimizer_states=True, load_lr_scheduler_states=True)
+    with _weights_only_loads():
+        path, _ = engine.load_checkpoint(str(directory), tag=ZERO_TAG, load_module_strict=False,
+                                         load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"{directory}: DeepSpeed found no checkpoint under {ZERO_TAG}/")
 
@@ -211,6 +213,6 @@ def consolidated_weights(directory: Path) -> dict[str, Any]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     check_pickles(directory)
-
-    return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=ZERO_TAG, exclude_frozen_parameters=True,
-                                                    lazy_mode=True)
+    with _weights_only_loads():  # lazy mode unpickles every file here; tensors are read from mmaps later
+        return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=ZERO_TAG,
+                                                        exclude_frozen_parameters=True, lazy_mode=True)

@@ -131,8 +131,9 @@ class _RunsCode:
 
 
 def test_a_tampered_zero_file_is_refused_before_anything_unpickles_it(zero_runs, tmp_path):
-    """DeepSpeed unpickles its files with weights_only=False; tunefleet checks them first and resumes
-    through a weights-only reader, so a checkpoint on shared storage cannot run code in a worker."""
+    """DeepSpeed asks for torch's full unpickler; tunefleet checks its files first and forces its loads
+    weights-only, so a checkpoint on shared storage cannot run code in a worker or in the export."""
+    import pickle
     import shutil
 
     from training import deepspeed_engine
@@ -152,6 +153,9 @@ def test_a_tampered_zero_file_is_refused_before_anything_unpickles_it(zero_runs,
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=rf"{target.name}: refusing to unpickle posix\.mkdir"):
         load_model_weights(copy, torch.nn.Linear(1, 1))
+    # Past the check, DeepSpeed's own loads are weights-only whatever they ask for.
+    with deepspeed_engine._weights_only_loads(), pytest.raises(pickle.UnpicklingError, match="posix.mkdir"):
+        torch.load(target, weights_only=False)
     target.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=rf"{target.name}: not a readable DeepSpeed checkpoint file"):
         deepspeed_engine.check_pickles(copy)
