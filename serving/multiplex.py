@@ -180,13 +180,11 @@ def build_adapter_pool_app(pool: AdapterPool, env_vars: dict[str, str] | None = 
 
     class AdapterPoolServer:
         def __init__(self, pool: AdapterPool) -> None:
-            import torch
-
             from serving.adapters import AdapterStack
+            from serving.placement import replica_device, serving_dtype
 
-            torch.set_num_threads(spec.torch_threads)
-            self.device = torch.device("cuda" if spec.num_gpus > 0 and torch.cuda.is_available() else "cpu")
-            self.stack = AdapterStack(pool.key, self.device)
+            self.device = replica_device(spec)
+            self.stack = AdapterStack(pool.key, self.device, serving_dtype(spec, self.device))
             self.entries: dict[str, AdapterEntry] = {}
             self.replica = serve.get_replica_context().replica_id.unique_id
 

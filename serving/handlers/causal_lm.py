@@ -24,6 +24,7 @@ from serving.errors import ServingError
 from serving.handlers.base import TaskHandler
 from serving.handlers.registry import register_handler
 from serving.openai_compat import CHAT, COMPLETIONS, response_body, stream_events
+from serving.placement import place, replica_device
 from serving.schemas import PredictResponse, Text
 from training.layout import ExportInfo
 
@@ -128,11 +129,10 @@ class CausalLMHandler(TaskHandler):
 
     @classmethod
     def load(cls, export_dir: Path, info: ExportInfo, spec: ServeSpec) -> CausalLMHandler:
-        torch.set_num_threads(spec.torch_threads)
-        device = torch.device("cuda" if spec.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+        device = replica_device(spec)
         tokenizer = AutoTokenizer.from_pretrained(export_dir, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(export_dir, local_files_only=True)
-        return cls(info, spec, model.to(device).eval(), tokenizer, device)
+        return cls(info, spec, place(model, spec, device), tokenizer, device)
 
     # ---- requests → items ------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from serving.config import ServeSpec
 from serving.errors import ServingError
 from serving.handlers.base import TaskHandler, parse_request
 from serving.handlers.registry import register_handler
+from serving.placement import place, replica_device
 from serving.schemas import ClassificationParameters, LabelScore, PredictResponse
 from training.layout import MODEL_WEIGHTS, TORCHVISION_CONFIG_FILE, ExportInfo
 
@@ -121,8 +122,7 @@ class ImageClassificationHandler(TaskHandler):
 
     @classmethod
     def load(cls, export_dir: Path, info: ExportInfo, spec: ServeSpec) -> ImageClassificationHandler:
-        torch.set_num_threads(spec.torch_threads)
-        device = torch.device("cuda" if spec.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+        device = replica_device(spec)
         config_file = Path(export_dir) / TORCHVISION_CONFIG_FILE
         if config_file.is_file():
             import torchvision
@@ -145,7 +145,7 @@ class ImageClassificationHandler(TaskHandler):
 
             def to_pixels(images):
                 return processor(images, return_tensors="pt")["pixel_values"]
-        return cls(info, spec, model.to(device).eval(), to_pixels, labels, device)
+        return cls(info, spec, place(model, spec, device), to_pixels, labels, device)
 
     def prepare(self, request: ImageClassificationRequest) -> list[Image.Image]:
         inputs = request.input_list()
@@ -171,7 +171,7 @@ class ImageClassificationHandler(TaskHandler):
 
     @torch.inference_mode()
     def run_batch(self, items: list[Image.Image]) -> list[Scored]:
-        pixels = self.to_pixels(items).to(self.device)
+        pixels = self.to_pixels(items).to(self.device, next(self.model.parameters()).dtype)
         logits = (self.model(pixel_values=pixels).logits if self.hf else self.model(pixels)).float()
         scores, order = logits.softmax(dim=-1).sort(dim=-1, descending=True)
         return [[(self.labels[j], s) for j, s in zip(o.tolist(), p.tolist())] for o, p in zip(order, scores)]

@@ -11,6 +11,7 @@ from serving.config import ServeSpec
 from serving.errors import ServingError
 from serving.handlers.base import TaskHandler
 from serving.handlers.registry import register_handler
+from serving.placement import place, replica_device
 from serving.schemas import TextClassificationRequest, TextClassificationResponse, TextPair
 from training.layout import ExportInfo
 
@@ -47,11 +48,10 @@ class TextClassificationHandler(TaskHandler):
 
     @classmethod
     def load(cls, export_dir: Path, info: ExportInfo, spec: ServeSpec) -> TextClassificationHandler:
-        torch.set_num_threads(spec.torch_threads)
-        device = torch.device("cuda" if spec.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+        device = replica_device(spec)
         tokenizer = AutoTokenizer.from_pretrained(export_dir, local_files_only=True)
         model = AutoModelForSequenceClassification.from_pretrained(export_dir, local_files_only=True)
-        return cls(info, spec, model.to(device).eval(), tokenizer, device)
+        return cls(info, spec, place(model, spec, device), tokenizer, device)
 
     def prepare(self, request: TextClassificationRequest) -> list[Item]:
         inputs = request.input_list()

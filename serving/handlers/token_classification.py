@@ -21,6 +21,7 @@ from serving.config import ServeSpec
 from serving.errors import ServingError
 from serving.handlers.base import TaskHandler
 from serving.handlers.registry import register_handler
+from serving.placement import place, replica_device
 from serving.schemas import PredictResponse, Text
 from training.layout import ExportInfo
 
@@ -148,11 +149,10 @@ class TokenClassificationHandler(TaskHandler):
 
     @classmethod
     def load(cls, export_dir: Path, info: ExportInfo, spec: ServeSpec) -> TokenClassificationHandler:
-        torch.set_num_threads(spec.torch_threads)
-        device = torch.device("cuda" if spec.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+        device = replica_device(spec)
         tokenizer = AutoTokenizer.from_pretrained(export_dir, local_files_only=True)
         model = AutoModelForTokenClassification.from_pretrained(export_dir, local_files_only=True)
-        return cls(info, spec, model.to(device).eval(), tokenizer, device)
+        return cls(info, spec, place(model, spec, device), tokenizer, device)
 
     def prepare(self, request: TokenClassificationRequest) -> list[str | list[str]]:
         inputs = request.input_list()

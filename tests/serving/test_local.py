@@ -120,6 +120,26 @@ def test_serve_spec_cross_field_rules() -> None:
     assert "max_ongoing_requests (64) must be > max_batch_size (64)" in str(caught.value)
     assert "min_replicas (3) must be <= max_replicas (2)" in str(caught.value)
     assert ServeSpec(num_cpus=0.5).torch_threads == 1 and ServeSpec(num_cpus=2).torch_threads == 2
+    with pytest.raises(ValueError, match=r"dtype \(float16\) with num_gpus 0: .*use bfloat16, float32 or auto"):
+        ServeSpec(dtype="float16")
+    assert ServeSpec(dtype="float16", num_gpus=1).dtype == "float16"
+
+
+def test_auto_dtype_is_bfloat16_where_the_cpu_multiplies_it_and_answers_as_float32_does(tiny_export: Path) -> None:
+    import torch
+
+    from serving.placement import cpu_has_native_bf16
+
+    exact, default = load_handler(tiny_export, ServeSpec(dtype="float32")), load_handler(tiny_export)
+    assert next(exact.model.parameters()).dtype == torch.float32
+    assert next(default.model.parameters()).dtype == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+    assert next(load_handler(tiny_export, ServeSpec(dtype="bfloat16")).model.parameters()).dtype == torch.bfloat16
+    items = [(t, None) for t in ("a wonderful film", "dull and far too long", "fine", "a terrible waste of time")]
+    for want, got in zip(exact.run_batch(items), default.run_batch(items)):
+        assert isinstance(got[0][1], float)  # scores leave as float32 numbers, whatever the weights' dtype
+        assert dict(got) == pytest.approx(dict(want), abs=2e-2)
+        if want[0][1] - want[1][1] > 0.05:  # a clear answer stays the same answer
+            assert got[0][0] == want[0][0]
 
 
 def test_reading_the_serve_spec_does_not_import_torch_or_ray() -> None:

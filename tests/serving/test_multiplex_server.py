@@ -40,7 +40,9 @@ def server(local_ray, tiny_export: Path, tiny_text_model: Path, adapters: dict[s
     from serving import start_server
     from serving.servefile import load_serve_file
 
-    small = {"num_cpus": 0.5, "max_batch_size": 4, "max_ongoing_requests": 8, "graceful_shutdown_timeout_s": 2}
+    # float32: answers are compared with a float32 reference at 1e-4 (test_local covers the bfloat16 default).
+    small = {"num_cpus": 0.5, "max_batch_size": 4, "max_ongoing_requests": 8, "graceful_shutdown_timeout_s": 2,
+             "dtype": "float32"}
     serve_file = tmp_path_factory.mktemp("servefile") / "serve.yaml"
     serve_file.write_text(yaml.safe_dump({
         "endpoint": "test-multiplex",

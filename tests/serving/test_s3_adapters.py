@@ -51,7 +51,7 @@ def test_adapters_load_from_s3_uris(local_ray, tiny_text_model: Path, tmp_path: 
             monkeypatch.setenv(key, value)  # this process plans the serve file (reads tunefleet.json from S3)
         serve_file = tmp_path / "serve.yaml"
         small = {"num_cpus": 0.5, "max_batch_size": 4, "max_ongoing_requests": 8, "graceful_shutdown_timeout_s": 2,
-                 "min_replicas": 1, "max_replicas": 1}
+                 "min_replicas": 1, "max_replicas": 1, "dtype": "float32"}  # compared with float32 at 1e-4
         serve_file.write_text(yaml.safe_dump({
             "endpoint": "test-s3-adapters",
             "defaults": small,
