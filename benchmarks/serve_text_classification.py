@@ -83,9 +83,9 @@ def child_serve(export: str, port: int, replicas: int, env_json: str | None, dir
         server_mod.SERVE_ENV_VARS.update(json.loads(env_json))
     session = ray_session(num_cpus=2)
     session.__enter__()
-    spec = ServeSpec(min_replicas=replicas, max_replicas=replicas, num_cpus=2 / replicas,
-                     max_batch_size=batch, batch_wait_ms=wait_ms, max_ongoing_requests=max_ongoing,
-                     **json.loads(spec_json or "{}"))
+    spec = ServeSpec(**{"min_replicas": replicas, "max_replicas": replicas, "num_cpus": 2 / replicas,
+                        "max_batch_size": batch, "batch_wait_ms": wait_ms, "max_ongoing_requests": max_ongoing,
+                        **json.loads(spec_json or "{}")})  # --serve-spec overrides
     server = server_mod.start_server([export], names=["minilm"], port=port, settings=spec, ingress=ingress)
     url = f"{server.url}/v1/models/minilm/predict"
     if direct:  # the first replica's own port (direct ingress), bypassing the proxy

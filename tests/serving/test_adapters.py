@@ -23,8 +23,11 @@ def _probs(outputs) -> list[list[float]]:
     return [[dict(o)[label] for label in ("negative", "positive")] for o in outputs]
 
 
-def test_adapter_stack_switches_lora_and_bottleneck_adapters(tiny_text_model: Path, tmp_path: Path) -> None:
-    """Both adapter kinds, two each over one base: each answers as it does loaded alone, in any order."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adapter_stack_switches_lora_and_bottleneck_adapters(tiny_text_model: Path, tmp_path: Path,
+                                                             dtype: torch.dtype) -> None:
+    """Both adapter kinds, two each over one base: each answers as it does loaded alone, in any order,
+    exactly in float32 and within bfloat16's rounding when the replica serves bfloat16 (serve.dtype)."""
     from transformers import AutoTokenizer
 
     from serving.adapters import AdapterStack
@@ -38,7 +41,7 @@ def test_adapter_stack_switches_lora_and_bottleneck_adapters(tiny_text_model: Pa
         "bottleneck": [build_bottleneck_export(tiny_text_model, tmp_path / f"b{i}", f"b{i}", 20 + i) for i in range(2)],
     }
     for exports in kinds.values():
-        stack = AdapterStack(pool_key(*_read(exports[0])), torch.device("cpu"))
+        stack = AdapterStack(pool_key(*_read(exports[0])), torch.device("cpu"), dtype)
         handlers = {}
         for export in exports:
             stack.attach(export.name, export)
@@ -48,7 +51,10 @@ def test_adapter_stack_switches_lora_and_bottleneck_adapters(tiny_text_model: Pa
         for export in [*exports, *reversed(exports)]:
             out = stack.run(export.name, export, lambda: handlers[export.name].run_batch([(t, None) for t in texts]))
             probs = _probs(out)
-            torch.testing.assert_close(torch.tensor(probs), torch.tensor(reference_probs(tiny_text_model, export, texts)))
+            assert {p.dtype for p in stack.model.parameters()} == {dtype}  # the adapters' tensors too
+            tolerance = {} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 0}
+            torch.testing.assert_close(torch.tensor(probs), torch.tensor(reference_probs(tiny_text_model, export, texts)),
+                                       **tolerance)
             answers[export.name] = probs
         first, second = answers.values()
         assert abs(first[0][0] - second[0][0]) > 1e-3, "two adapters answered alike: switching did nothing"
