@@ -9,12 +9,19 @@ import sys
 from pathlib import Path
 
 
+DTYPE_OPTION = dict(
+    choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+    help="the model's dtype (serve.dtype): auto is bfloat16 where the hardware multiplies it natively, else float32; "
+         "float32 gives the training run's exact scores")
+
+
 def register(commands) -> None:
     predict = commands.add_parser("predict", help="predict with an export, without a server; prints JSON")
     predict.add_argument("export_dir", help="export directory (or a run directory holding export/)")
     predict.add_argument("inputs", nargs="+",
                          help="texts ('first ||| second' gives a sentence pair), or image files for an image model")
     predict.add_argument("--top-k", type=int, default=None, help="labels per input (default: the task's default)")
+    predict.add_argument("--dtype", **DTYPE_OPTION)
     predict.set_defaults(handler=_predict)
 
     serve = commands.add_parser(
@@ -36,6 +43,7 @@ def register(commands) -> None:
                        help="bind address (default 127.0.0.1: this machine only; 0.0.0.0 in a --build config)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--address", help="Ray cluster address (default: a private local Ray)")
+    serve.add_argument("--dtype", **DTYPE_OPTION)
     serve.add_argument("--endpoint", help="with `add`: the running endpoint's URL, e.g. http://127.0.0.1:8000")
     serve.add_argument("--token-env", default="TUNEFLEET_TOKEN",
                        help="with `add`: environment variable holding the endpoint's bearer token, if it has one "
@@ -44,16 +52,26 @@ def register(commands) -> None:
 
 
 def _predict(args) -> int:
-    from serving import predict_local
+    from serving import ServingError, predict_local
+    from serving.config import ServeSpec
 
-    if _is_image_export(args.export_dir):  # image files → base64, as an HTTP client sends them
-        inputs = [base64.b64encode(Path(name).read_bytes()).decode() for name in args.inputs]
-    else:
-        inputs = [{"text": t.split("|||")[0].strip(), "text_pair": t.split("|||")[1].strip()} if "|||" in t else t
-                  for t in args.inputs]
+    try:
+        spec = ServeSpec(dtype=args.dtype)
+    except ValueError as err:  # float16 without a GPU
+        print(f"error: --dtype: {err.errors()[0]['msg'] if hasattr(err, 'errors') else err}", file=sys.stderr)
+        return 2
     given = {} if args.top_k is None else {"top_k": args.top_k}
-    with contextlib.redirect_stdout(sys.stderr):  # libraries' log lines (DeepSpeed's) must not corrupt the JSON
-        predictions = predict_local(args.export_dir, inputs, **given)
+    try:
+        if _is_image_export(args.export_dir):  # image files → base64, as an HTTP client sends them
+            inputs = [base64.b64encode(Path(name).read_bytes()).decode() for name in args.inputs]
+        else:
+            inputs = [{"text": t.split("|||")[0].strip(), "text_pair": t.split("|||")[1].strip()} if "|||" in t
+                      else t for t in args.inputs]
+        with contextlib.redirect_stdout(sys.stderr):  # libraries' log lines (DeepSpeed's) must not corrupt the JSON
+            predictions = predict_local(args.export_dir, inputs, spec=spec, **given)
+    except (OSError, ValueError, ServingError) as err:  # no such export or image file, an input past a limit
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(json.dumps(predictions, indent=2))
     return 0
 
@@ -95,6 +113,9 @@ def _plan(args):
     if args.file:
         if args.name:
             raise ValueError("--name names command-line exports; a serve file names its models itself")
+        if args.dtype != "auto":
+            raise ValueError("--dtype sets command-line exports' dtype; in a serve file set serve.dtype (defaults: "
+                             "or per model)")
         from serving.servefile import load_serve_file
 
         return load_serve_file(args.file, fetch=not args.build)
@@ -104,7 +125,9 @@ def _plan(args):
         raise ValueError(f"got {len(args.name)} --name for {len(args.exports)} exports; give one name per export")
     requests = [ModelRequest(export=e, name=args.name[i] if args.name else None, where=f"exports[{i}] ({e})")
                 for i, e in enumerate(args.exports)]
-    return make_plan(requests, fetch=not args.build)
+    from serving.config import ServeSpec
+
+    return make_plan(requests, spec=ServeSpec(dtype=args.dtype), fetch=not args.build)
 
 
 def _build(args, plan) -> int:

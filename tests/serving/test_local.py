@@ -147,3 +147,19 @@ def test_reading_the_serve_spec_does_not_import_torch_or_ray() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2])
     assert out.stdout.strip() == "False"
+
+
+def test_predict_cli_takes_the_dtype(tiny_export: Path, capsys) -> None:
+    import json
+
+    from cluster.cli import main
+
+    assert main(["predict", str(tiny_export), "a wonderful film", "--top-k", "2", "--dtype", "float32"]) == 0
+    exact = predict_local(tiny_export, "a wonderful film", top_k=2, spec=ServeSpec(dtype="float32"))
+    assert json.loads(capsys.readouterr().out) == exact
+    assert main(["predict", str(tiny_export), "a wonderful film", "--dtype", "float16"]) == 2
+    error = capsys.readouterr().err
+    assert "--dtype" in error and "use bfloat16, float32 or auto" in error
+    assert main(["predict", str(tiny_export / "nope"), "text"]) == 2  # one line naming the path, no traceback
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and "nope" in error and "Traceback" not in error
