@@ -30,7 +30,7 @@ class ServeSpec(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="The model's dtype on each replica. auto: bfloat16 where the hardware multiplies it "
         "natively (CUDA GPUs that support it; CPUs with AVX512-BF16 or AMX: ~3x the float32 throughput there), "
-        "else float32. float32 gives the training run's exact scores."
+        "else float32; image classification stays float32 under auto. float32 gives the training run's exact scores."
     )
     upscale_delay_s: float = Field(
         10, ge=0, description="Load must stay above target this long before a replica is added (Serve's default 30 s reacts late)."

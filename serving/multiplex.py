@@ -181,10 +181,12 @@ def build_adapter_pool_app(pool: AdapterPool, env_vars: dict[str, str] | None = 
     class AdapterPoolServer:
         def __init__(self, pool: AdapterPool) -> None:
             from serving.adapters import AdapterStack
+            from serving.handlers import HANDLERS
             from serving.placement import replica_device, serving_dtype
 
             self.device = replica_device(spec)
-            self.stack = AdapterStack(pool.key, self.device, serving_dtype(spec, self.device))
+            auto_bfloat16 = HANDLERS.get(pool.key.task).auto_bfloat16
+            self.stack = AdapterStack(pool.key, self.device, serving_dtype(spec, self.device, auto_bfloat16))
             self.entries: dict[str, AdapterEntry] = {}
             self.replica = serve.get_replica_context().replica_id.unique_id
 

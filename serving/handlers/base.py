@@ -28,6 +28,7 @@ class TaskHandler(ABC):
     task: ClassVar[str]  # set by register_handler
     request_model: ClassVar[type[BaseModel]]
     response_model: ClassVar[type[BaseModel]]
+    auto_bfloat16: ClassVar[bool] = True  # serve.dtype auto may pick bfloat16 (serving/placement.py)
 
     def __init__(self, info: ExportInfo, spec: ServeSpec) -> None:
         self.info = info

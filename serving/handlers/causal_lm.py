@@ -132,7 +132,7 @@ class CausalLMHandler(TaskHandler):
         device = replica_device(spec)
         tokenizer = AutoTokenizer.from_pretrained(export_dir, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(export_dir, local_files_only=True)
-        return cls(info, spec, place(model, spec, device), tokenizer, device)
+        return cls(info, spec, place(model, spec, device, cls.auto_bfloat16), tokenizer, device)
 
     # ---- requests → items ------------------------------------------------------------------
 

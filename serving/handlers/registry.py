@@ -30,7 +30,6 @@ class HandlerRegistry:
     def register(self, task: str, handler: type[TaskHandler]) -> type[TaskHandler]:
         if task in self._handlers:
             raise ValueError(f"a serving handler for task {task!r} is already registered")
-        handler.task = task
         self._handlers[task] = handler
         return handler
 
@@ -54,6 +53,7 @@ HANDLERS = HandlerRegistry()
 
 def register_handler(task: str) -> Callable[[H], H]:
     def decorate(handler: H) -> H:
+        handler.task = task  # here, not in register: another registry holding the class must not rename it
         HANDLERS.register(task, handler)
         return handler
 

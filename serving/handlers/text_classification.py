@@ -51,7 +51,7 @@ class TextClassificationHandler(TaskHandler):
         device = replica_device(spec)
         tokenizer = AutoTokenizer.from_pretrained(export_dir, local_files_only=True)
         model = AutoModelForSequenceClassification.from_pretrained(export_dir, local_files_only=True)
-        return cls(info, spec, place(model, spec, device), tokenizer, device)
+        return cls(info, spec, place(model, spec, device, cls.auto_bfloat16), tokenizer, device)
 
     def prepare(self, request: TextClassificationRequest) -> list[Item]:
         inputs = request.input_list()

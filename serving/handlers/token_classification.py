@@ -152,7 +152,7 @@ class TokenClassificationHandler(TaskHandler):
         device = replica_device(spec)
         tokenizer = AutoTokenizer.from_pretrained(export_dir, local_files_only=True)
         model = AutoModelForTokenClassification.from_pretrained(export_dir, local_files_only=True)
-        return cls(info, spec, place(model, spec, device), tokenizer, device)
+        return cls(info, spec, place(model, spec, device, cls.auto_bfloat16), tokenizer, device)
 
     def prepare(self, request: TokenClassificationRequest) -> list[str | list[str]]:
         inputs = request.input_list()

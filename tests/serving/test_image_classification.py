@@ -68,6 +68,18 @@ def test_base64_inputs_ranked_labels(which, request):
     assert one[0][0]["label"] == everything[0][0]["label"]  # the same image, alone or in a batch
 
 
+@pytest.mark.parametrize("which", ["torchvision_export", "vit_export"])
+def test_auto_dtype_keeps_images_in_float32_and_bfloat16_is_an_opt_in(which, request):
+    import torch
+
+    export = request.getfixturevalue(which)
+    assert next(load_handler(export).model.parameters()).dtype == torch.float32  # auto, even with native bf16
+    opted = load_handler(export, ServeSpec(dtype="bfloat16"))
+    assert next(opted.model.parameters()).dtype == torch.bfloat16
+    (ranked,) = opted.run_batch([Image.open(io.BytesIO(_png()))])  # pixels follow the weights' dtype
+    assert len(ranked) == 3 and sum(score for _, score in ranked) == pytest.approx(1, abs=1e-3)
+
+
 def test_grey_and_transparent_images_are_converted(torchvision_export):
     grey, rgba = io.BytesIO(), io.BytesIO()
     Image.new("L", (20, 30), 128).save(grey, format="PNG")
