@@ -268,7 +268,8 @@ def main() -> int:
     for name in CONFIGS:
         print(f"running {name} ({args.steps} steps)...", flush=True)
         out = subprocess.run([sys.executable, __file__, "--only", name, "--data", str(directory), "--steps",
-                              str(args.steps), "--threads", str(args.threads), "--precision", PRECISION], capture_output=True, text=True, cwd=REPO)
+                              str(args.steps), "--threads", str(args.threads), "--precision", PRECISION],
+                             capture_output=True, text=True, cwd=REPO)
         lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
         if out.returncode or not lines:
             print(out.stdout[-3000:], out.stderr[-3000:], file=sys.stderr)
@@ -280,7 +281,8 @@ def main() -> int:
     a_over_b = results["a_tunefleet"]["samples_per_second"] / results["b_hand_loop"]["samples_per_second"]
     achieved = training_flops_per_token() * hand_tokens * a_over_b
     summary = {
-        "steps": args.steps, "precision": PRECISION, "batch_size": BATCH, "max_length": MAX_LENGTH, "threads": args.threads,
+        "steps": args.steps, "precision": PRECISION, "batch_size": BATCH, "max_length": MAX_LENGTH,
+        "threads": args.threads,
         "results": results,
         "ratios": {
             "a_over_b": a_over_b,

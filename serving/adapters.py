@@ -75,7 +75,8 @@ class AdapterStack:
         elif self.model is self.base:
             from peft import PeftModel
 
-            self.model = PeftModel.from_pretrained(self.base, str(export_dir), adapter_name=name).to(self.device, self.dtype).eval()
+            model = PeftModel.from_pretrained(self.base, str(export_dir), adapter_name=name)
+            self.model = model.to(self.device, self.dtype).eval()
         else:
             self.model.load_adapter(str(export_dir), adapter_name=name)
             self.model.to(self.device, self.dtype).eval()

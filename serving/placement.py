@@ -10,9 +10,10 @@ Elsewhere float32. A task whose answers bfloat16 changes too often keeps float32
 for 800 of 800 AG News texts (MiniLM classifier), the same tag for 99.9% of 8,291 CoNLL
 words (MiniLM NER), the same 32 greedy tokens for 7 of 8 prompts (SmolLM2-135M), but the
 same top-1 class for only 95.6% of 160 images (MobileNetV2, ImageNet head): image
-classification keeps float32 unless the serve spec asks for bfloat16. transformers' own `dtype="auto"` only reads the dtype the checkpoint
-was saved in (exports are float32), and torch has no public "fastest dtype here" query,
-hence this module. Weights are cast once at load; outputs (logits) go back to float32
+classification keeps float32 unless the serve spec asks for bfloat16.
+
+transformers' own `dtype="auto"` only reads the dtype the checkpoint was saved in (exports
+are float32), and torch has no public "fastest dtype here" query, hence this module. Weights are cast once at load; outputs (logits) go back to float32
 before softmax, so scores are float32 numbers computed from a bfloat16 forward pass.
 """
 

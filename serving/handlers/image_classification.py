@@ -120,6 +120,7 @@ class ImageClassificationHandler(TaskHandler):
     def __init__(self, info: ExportInfo, spec: ServeSpec, model, to_pixels, labels: list[str], device) -> None:
         super().__init__(info, spec)
         self.model, self.to_pixels, self.labels, self.device = model, to_pixels, labels, device
+        self.dtype = next(model.parameters()).dtype  # pixels follow the weights (serve.dtype)
         # Hugging Face models take pixel_values= and return an output object; torchvision's a tensor.
         self.hf = hasattr(model, "config")
 
@@ -174,7 +175,7 @@ class ImageClassificationHandler(TaskHandler):
 
     @torch.inference_mode()
     def run_batch(self, items: list[Image.Image]) -> list[Scored]:
-        pixels = self.to_pixels(items).to(self.device, next(self.model.parameters()).dtype)
+        pixels = self.to_pixels(items).to(self.device, self.dtype)
         logits = (self.model(pixel_values=pixels).logits if self.hf else self.model(pixels)).float()
         scores, order = logits.softmax(dim=-1).sort(dim=-1, descending=True)
         return [[(self.labels[j], s) for j, s in zip(o.tolist(), p.tolist())] for o, p in zip(order, scores)]

@@ -53,8 +53,8 @@ def test_adapter_stack_switches_lora_and_bottleneck_adapters(tiny_text_model: Pa
             probs = _probs(out)
             assert {p.dtype for p in stack.model.parameters()} == {dtype}  # the adapters' tensors too
             tolerance = {} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 0}
-            torch.testing.assert_close(torch.tensor(probs), torch.tensor(reference_probs(tiny_text_model, export, texts)),
-                                       **tolerance)
+            want = reference_probs(tiny_text_model, export, texts)
+            torch.testing.assert_close(torch.tensor(probs), torch.tensor(want), **tolerance)
             answers[export.name] = probs
         first, second = answers.values()
         assert abs(first[0][0] - second[0][0]) > 1e-3, "two adapters answered alike: switching did nothing"
