@@ -4,7 +4,11 @@ An `AdapterStack` holds one base model and the adapters attached to it; `run(nam
 makes `name` the active adapter and runs `fn` (a forward pass) while no other thread
 switches or detaches; `run_mixed(rows, ...)` runs one forward pass whose rows use different
 adapters (PEFT's mixed-adapter batches: the base's matmuls are shared, each adapter's delta
-and head apply to its own rows). Two kinds, by what the export's adapter_config.json says:
+and head apply to its own rows). Long work under `run` (a streamed generation: one forward
+pass per token) calls `pause(name, ...)` between its steps: when other threads wait for the
+base, it hands the lock to them and takes it back with its own adapter active again, so a
+long stream on one adapter delays another adapter's batch by one step, not by the whole
+generation. Two kinds, by what the export's adapter_config.json says:
 
 - PEFT adapters (LoRA, IA3, ...; `peft_type`): one `PeftModel` holding every attached
   adapter by name (PEFT's own multi-adapter support), `set_adapter` to switch. Each
@@ -21,8 +25,10 @@ from __future__ import annotations
 
 import json
 import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -50,6 +56,10 @@ class AdapterStack:
         self.device = device
         self.dtype = dtype  # the base's and every adapter's (serving/placement.py)
         self.lock = threading.RLock()  # re-entrant: a garbage-collected LoadedAdapter may detach on this thread
+        # Who waits for `lock`, and how many times a waiter got it: `pause` hands over only when someone waits.
+        self._queue = threading.Lock()
+        self._waiting = 0
+        self._handed = 0
         self.base = load_base(key, device, dtype)
         self.model: torch.nn.Module = self.base  # the PeftModel once the first PEFT adapter is attached
         self.active: str | None = None
@@ -137,17 +147,54 @@ class AdapterStack:
 
     # ---- public: each takes the lock --------------------------------------------------------
 
+    @contextmanager
+    def _held(self) -> Iterator[None]:
+        with self._queue:
+            self._waiting += 1
+        self.lock.acquire()
+        with self._queue:
+            self._waiting -= 1
+            self._handed += 1
+        try:
+            yield
+        finally:
+            self.lock.release()
+
+    def pause(self, name: str, export_dir: Path, handover_s: float = 0.1) -> None:
+        """Between two steps of work running under `run(name, ...)` on this thread: if other threads wait
+        for the base, let one of them take it, then wait for it back and make `name` active again (it is
+        re-attached if the LRU evicted it meanwhile). Nothing happens when no one waits.
+
+        It waits (briefly, bounded) until a waiter has the lock: Python's locks are not fair, and one released
+        and at once re-acquired by the same thread may stay with it, the waiter still waiting."""
+        with self._queue:
+            if not self._waiting:
+                return
+            handed = self._handed
+        self.lock.release()
+        try:
+            deadline = time.monotonic() + handover_s  # bounded: a waiter that gave up must not stall the stream
+            while time.monotonic() < deadline:
+                with self._queue:
+                    if self._handed != handed or not self._waiting:
+                        break
+                time.sleep(0.0005)
+        finally:
+            self.lock.acquire()  # behind the waiter's batch, if it took the lock
+        self._attach(name, export_dir)
+        self._activate(name)
+
     def attach(self, name: str, export_dir: Path) -> None:
-        with self.lock:
+        with self._held():
             self._attach(name, export_dir)
 
     def detach(self, name: str) -> None:
-        with self.lock:
+        with self._held():
             self._detach(name)
 
     def run(self, name: str, export_dir: Path, fn: Callable[[], Any]) -> Any:
         """`fn()` with `name` active; re-attaches it first if it was detached (evicted) meanwhile."""
-        with self.lock:
+        with self._held():
             self._attach(name, export_dir)
             self._activate(name)
             return fn()
@@ -159,7 +206,7 @@ class AdapterStack:
 
     def run_mixed(self, rows: list[str], export_dirs: dict[str, Path], fn: Callable[[], Any]) -> Any:
         """`fn()` whose forward passes through `routed` use adapter `rows[i]` for row i: one pass for many adapters."""
-        with self.lock:
+        with self._held():
             for name, export_dir in export_dirs.items():
                 self._attach(name, export_dir)
             self._row_adapters = rows

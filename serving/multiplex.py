@@ -29,7 +29,7 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ray import serve
 from ray.serve import Application
@@ -111,8 +111,10 @@ class LoadedAdapter:
     def __init__(self, stack, model_id: str, local: Path, handler, task: str) -> None:
         self.stack, self.model_id, self.local, self.handler = stack, model_id, local, handler
         self.evicted = False
-        # Work outside batches (a streamed generation) holds the base with this adapter active.
-        handler.exclusive = lambda fn: stack.run(model_id, local, fn)
+        # Work outside batches (a streamed generation) holds the base with this adapter active, and hands it
+        # to batches waiting for it between two of its steps (AdapterStack.pause).
+        handler.exclusive = self.exclusive
+        handler.between_steps = lambda: stack.pause(model_id, local)
         # Adapters with equal mix keys share one forward pass in a batch: same tokenizer, same max length.
         self.mix_key = ((tokenizer_fingerprint(local), getattr(handler, "max_length", None))
                         if stack.mixes and task in MIXED_BATCH_SPLIT else None)
@@ -122,6 +124,12 @@ class LoadedAdapter:
         if self.evicted:  # evicted while its items were queued: re-attached for them, detached again
             self.stack.detach(self.model_id)
         return outputs
+
+    def exclusive(self, fn: Callable[[], Any]) -> Any:
+        result = self.stack.run(self.model_id, self.local, fn)
+        if self.evicted:  # evicted during the work: re-attached for it, detached again
+            self.stack.detach(self.model_id)
+        return result
 
     def __del__(self) -> None:
         # Serve's LRU calls this on eviction (in a thread); the garbage collector may call it again.
@@ -245,7 +253,7 @@ def build_adapter_pool_app(pool: AdapterPool, env_vars: dict[str, str] | None = 
             return adapter.handler.openai_format(route, request, outputs)
 
         async def openai_stream(self, entry: AdapterEntry, route: str, request: Any):
-            """The same, streamed: server-sent events as tokens are generated (the adapter holds the base meanwhile)."""
+            """The same, streamed: server-sent events as tokens come (between two, waiting batches use the base)."""
             self.entries[entry.model_id] = entry
             adapter = await self.adapter(entry.model_id)
             events = adapter.handler.openai_stream(route, request)

@@ -39,6 +39,10 @@ class TaskHandler(ABC):
         this: an adapter pool (serving/multiplex.py) makes it activate the adapter and hold the base model."""
         return fn()
 
+    def between_steps(self) -> None:
+        """Called by work run through `exclusive` between two of its steps (a generated token): an adapter
+        pool lets batches of other adapters waiting for the base run here. Nothing to do otherwise."""
+
     @classmethod
     @abstractmethod
     def load(cls, export_dir: Path, info: ExportInfo, spec: ServeSpec) -> TaskHandler:

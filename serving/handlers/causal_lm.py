@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Literal, Union
+from typing import Annotated, Any, Callable, Iterator, Literal, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
@@ -97,12 +97,16 @@ class Output:
 
 
 class _Cancelled(StoppingCriteria):
-    """Stops a streamed generation once its consumer has what it needs (a stop text) or went away."""
+    """Stops a streamed generation once its consumer has what it needs (a stop text) or went away.
+    Called after every generated token, it also gives the handler's `between_steps` its turn."""
 
-    def __init__(self) -> None:
+    def __init__(self, between_steps: Callable[[], None]) -> None:
         self.event = threading.Event()
+        self.between_steps = between_steps
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        if not self.event.is_set():
+            self.between_steps()
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
@@ -233,7 +237,7 @@ class CausalLMHandler(TaskHandler):
     def stream(self, item: Item) -> Iterator[str | Output]:
         """Text deltas as they are generated, then the final Output; text past a stop is never sent."""
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        cancel = _Cancelled()
+        cancel = _Cancelled(self.between_steps)
         result: dict[str, Any] = {}
         ids, mask = self._batch_tensors([item])
         kwargs = self._generate_kwargs(item.settings)

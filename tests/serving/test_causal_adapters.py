@@ -4,6 +4,7 @@ each adapter answering as the same adapter merged into a full model does, in-pro
 from __future__ import annotations
 
 import json
+import time
 import shutil
 import socket
 from pathlib import Path
@@ -102,3 +103,66 @@ def test_causal_lm_adapters_answer_on_openai_routes(local_ray, tiny_causal_lm: P
         server.shutdown()
     for _, merged in exports.values():
         shutil.rmtree(merged, ignore_errors=True)
+
+
+def test_a_streamed_generation_on_one_adapter_lets_other_adapters_run_between_its_tokens(
+        tiny_causal_lm: Path, tmp_path: Path) -> None:
+    """A stream holds the replica's base only one token at a time: another adapter's batch, sent while the
+    stream runs, is answered before the stream ends, and both answer exactly as they do alone."""
+    import threading
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from serving.adapters import AdapterStack
+    from serving.config import ServeSpec
+    from serving.handlers import HANDLERS
+    from serving.handlers.causal_lm import Item, Output, Settings
+    from serving.multiplex import LoadedAdapter
+    from serving.pools import pool_key
+    from serving import model_store
+
+    exports = [_lora_lm_export(tiny_causal_lm, tmp_path / name, name, seed)[0] for name, seed in (("sa", 3), ("sb", 4))]
+    info, adapter_config = model_store.read_info(exports[0])[0], model_store.read_json(exports[0], "adapter_config.json")
+    stack = AdapterStack(pool_key(info, adapter_config), torch.device("cpu"))
+    adapters = {}
+    for export in exports:
+        stack.attach(export.name, export)
+        handler = HANDLERS.get("causal-lm")(model_store.read_info(export)[0], ServeSpec(dtype="float32"), stack.routed,
+                                            AutoTokenizer.from_pretrained(export), torch.device("cpu"))
+        adapters[export.name] = LoadedAdapter(stack, export.name, export, handler, "causal-lm")
+    a, b = adapters["sa"], adapters["sb"]
+
+    def item(adapter: LoadedAdapter, tokens: int) -> Item:
+        ids = adapter.handler.tokenizer(PROMPT)["input_ids"]
+        return Item(PROMPT, tuple(ids), Settings(tokens, 0.0, 1.0, None, ()))
+
+    long_item, short_item = item(a, 60), item(b, 4)
+    a_alone = a.run([long_item])[0]
+    b_alone = b.run([short_item])[0]
+    assert a_alone.completion_tokens >= 20, "the stream is too short to show anything"
+
+    steps, b_done = [0], {}
+    pause = a.handler.between_steps
+
+    def send_b() -> None:
+        b_done["output"] = b.run([short_item])[0]
+        b_done["at_step"] = steps[0]
+
+    sender = threading.Thread(target=send_b)
+
+    def between_steps() -> None:  # the stream's step boundaries, counted; b's request comes at step 3
+        steps[0] += 1
+        if steps[0] == 3:
+            sender.start()
+            time.sleep(0.3)  # b is now blocked on the base
+        pause()
+
+    a.handler.between_steps = between_steps
+    streamed = list(a.handler.stream(long_item))
+    sender.join(30)
+    final = streamed[-1]
+    assert isinstance(final, Output)
+    assert b_done["at_step"] < final.completion_tokens - 5, (b_done, final.completion_tokens)
+    assert b_done["output"] == b_alone  # b ran with its own adapter active
+    assert final.text == a_alone.text and "".join(streamed[:-1]) == a_alone.text  # a got its adapter back
