@@ -22,6 +22,8 @@ def register(commands) -> None:
                          help="texts ('first ||| second' gives a sentence pair), or image files for an image model")
     predict.add_argument("--top-k", type=int, default=None, help="labels per input (default: the task's default)")
     predict.add_argument("--dtype", **DTYPE_OPTION)
+    predict.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                         help="where the model runs: auto is the GPU when CUDA is available, else the CPU")
     predict.set_defaults(handler=_predict)
 
     serve = commands.add_parser(
@@ -55,11 +57,17 @@ def _predict(args) -> int:
     from serving import ServingError, predict_local
     from serving.config import ServeSpec
 
-    if args.dtype == "float16":  # as ServeSpec refuses it for a replica without a GPU
-        print("error: --dtype float16: predict runs on the CPU, which multiplies float16 hundreds of times slower "
-              "than float32; use bfloat16, float32 or auto", file=sys.stderr)
+    import torch
+
+    on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if on_gpu and not torch.cuda.is_available():
+        print("error: --device cuda: no CUDA GPU is visible here; use --device cpu or auto", file=sys.stderr)
         return 2
-    spec = ServeSpec(dtype=args.dtype)
+    if args.dtype == "float16" and not on_gpu:  # as ServeSpec refuses it for a replica without a GPU
+        print("error: --dtype float16: predict runs on the CPU here, which multiplies float16 hundreds of times "
+              "slower than float32; use bfloat16, float32 or auto", file=sys.stderr)
+        return 2
+    spec = ServeSpec(dtype=args.dtype, num_gpus=1 if on_gpu else 0)
     given = {} if args.top_k is None else {"top_k": args.top_k}
     try:
         if _is_image_export(args.export_dir):  # image files → base64, as an HTTP client sends them

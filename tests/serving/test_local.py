@@ -163,3 +163,27 @@ def test_predict_cli_takes_the_dtype(tiny_export: Path, capsys) -> None:
     assert main(["predict", str(tiny_export / "nope"), "text"]) == 2  # one line naming the path, no traceback
     error = capsys.readouterr().err
     assert error.startswith("error: ") and "nope" in error and "Traceback" not in error
+    import torch
+
+    if not torch.cuda.is_available():
+        assert main(["predict", str(tiny_export), "a wonderful film", "--device", "cuda"]) == 2
+        error = capsys.readouterr().err
+        assert "--device cuda" in error and "no CUDA GPU" in error
+    assert main(["predict", str(tiny_export), "a wonderful film", "--top-k", "2", "--dtype", "float32",
+                 "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out) == exact
+
+
+@pytest.mark.gpu
+def test_predict_runs_on_the_gpu_when_there_is_one(tiny_export: Path, capsys) -> None:
+    import json
+
+    from cluster.cli import main
+    from serving.handlers import load_handler
+
+    assert next(load_handler(tiny_export, ServeSpec(num_gpus=1)).model.parameters()).device.type == "cuda"
+    assert main(["predict", str(tiny_export), "a wonderful film", "--top-k", "2", "--dtype", "float32"]) == 0
+    on_gpu = json.loads(capsys.readouterr().out)
+    on_cpu = predict_local(tiny_export, "a wonderful film", top_k=2, spec=ServeSpec(dtype="float32"))
+    assert [p["label"] for p in on_gpu[0]] == [p["label"] for p in on_cpu[0]]
+    assert [p["score"] for p in on_gpu[0]] == pytest.approx([p["score"] for p in on_cpu[0]], abs=1e-4)
