@@ -17,7 +17,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import ray.train
 import ray.train.torch
@@ -115,10 +115,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     bare = model.module if hasattr(model, "module") else model
     features = cached_features(spec, bare)  # head + cache_features: the backbone runs once per example
     scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
-    # Opening the tracker (importing MLflow, joining the driver's run: seconds) overlaps the first step.
-    tracker = _in_background(_rank0_tracker, spec, storage, config.get("mlflow_tracking_uri"), state.step) \
-        if rank == 0 else None
-    log = _MetricsLog(storage, rank == 0, keep_until_step=state.step, tracker=tracker)
+    # Opening the tracker (importing MLflow, joining the driver's run: ~2.4 s of CPU here) starts once the
+    # first step is done: on a small machine it would slow that step (the user's first sign of progress)
+    # as much as it takes. Records written meanwhile wait for it (_MetricsLog).
+    start_step = state.step
+    open_tracker_later = (lambda: _in_background(_rank0_tracker, spec, storage, config.get("mlflow_tracking_uri"),
+                                                 start_step)) if rank == 0 else None
+    log = _MetricsLog(storage, rank == 0, keep_until_step=state.step, open_tracker=open_tracker_later)
     if plan is not None and rank == 0:
         log.write({"event": "resume", "step": state.step, "from_world_size": plan.manifest["world_size"],
                    "world_size": world, "optimizer": plan.optimizer, "reason": plan.reason})
@@ -212,6 +215,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                            "learning_rate": scheduler.get_last_lr()[0], "samples_per_second": samples / max(elapsed, 1e-9)})
                 progress.set_description(f"{spec.name} loss {mean_loss:.4f}")
                 window_loss, window_samples, window_start = 0.0, 0, time.perf_counter()
+            log.open_tracker()  # after the first step (see above); once
             if t.eval_every_steps and state.step % t.eval_every_steps == 0:
                 last_eval_step = state.step
                 stop = evaluate_and_checkpoint()
@@ -368,8 +372,11 @@ class _MetricsLog:
     every checkpoint and at the end: object stores cannot append."""
 
     def __init__(self, storage: StorageDir, enabled: bool, keep_until_step: int,
-                 tracker: Future | None = None) -> None:
-        self.storage, self.enabled, self._opening = storage, enabled, tracker
+                 open_tracker: Callable[[], Future] | None = None) -> None:
+        """open_tracker: starts opening the tracker in the background (called by `open_tracker()`, or at the
+        latest by `close()`); None: no tracker on this rank."""
+        self.storage, self.enabled, self._open = storage, enabled, open_tracker
+        self._opening: Future | None = None
         self._unsent: list[dict[str, Any]] = []  # records written while the tracker was still opening
         if not enabled:
             return
@@ -383,13 +390,19 @@ class _MetricsLog:
                     if line.strip() and json.loads(line).get("step", 0) <= keep_until_step]
             self.path.write_text("".join(line + "\n" for line in kept))
 
+    def open_tracker(self) -> None:
+        if self._open is not None and self._opening is None:
+            self._opening = self._open()
+
     def _send(self, record: dict[str, Any] | None, wait: bool = False) -> None:
         """Records go to the tracker in order; until it is open they wait here (none is lost)."""
-        if self._opening is None:
+        if self._open is None:
             return
         if record is not None:
             self._unsent.append(record)
-        if not (wait or self._opening.done()):
+        if wait:
+            self.open_tracker()
+        if self._opening is None or not (wait or self._opening.done()):
             return
         tracker = self._opening.result()
         if tracker is not None:
