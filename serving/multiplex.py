@@ -120,14 +120,12 @@ class LoadedAdapter:
                         if stack.mixes and task in MIXED_BATCH_SPLIT else None)
 
     def run(self, items: list[Any]) -> list[Any]:
-        outputs = self.stack.run(self.model_id, self.local, lambda: self.handler.run_batch(items))
-        if self.evicted:  # evicted while its items were queued: re-attached for them, detached again
-            self.stack.detach(self.model_id)
-        return outputs
+        return self.exclusive(lambda: self.handler.run_batch(items))
 
     def exclusive(self, fn: Callable[[], Any]) -> Any:
+        """`fn()` with this adapter active on the base."""
         result = self.stack.run(self.model_id, self.local, fn)
-        if self.evicted:  # evicted during the work: re-attached for it, detached again
+        if self.evicted:  # evicted while its work waited or ran: re-attached for it, detached again
             self.stack.detach(self.model_id)
         return result
 

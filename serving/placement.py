@@ -13,8 +13,9 @@ same top-1 class for only 95.6% of 160 images (MobileNetV2, ImageNet head): imag
 classification keeps float32 unless the serve spec asks for bfloat16.
 
 transformers' own `dtype="auto"` only reads the dtype the checkpoint was saved in (exports
-are float32), and torch has no public "fastest dtype here" query, hence this module. Weights are cast once at load; outputs (logits) go back to float32
-before softmax, so scores are float32 numbers computed from a bfloat16 forward pass.
+are float32), and torch has no public "fastest dtype here" query, hence this module. Weights
+are cast once at load; outputs (logits) go back to float32 before softmax, so scores are
+float32 numbers computed from a bfloat16 forward pass.
 """
 
 from __future__ import annotations
