@@ -123,7 +123,9 @@ def save_shard(
         "metrics": metrics,
         **(extra or {}),
     }
-    (directory / CHECKPOINT_MANIFEST).write_text(json.dumps(manifest, indent=2))
+    written = directory / f".{CHECKPOINT_MANIFEST}.tmp"
+    written.write_text(json.dumps(manifest, indent=2))
+    written.replace(directory / CHECKPOINT_MANIFEST)  # whole or absent, never half-written, in this directory
 
 
 def _gather_files(directory: Path, world_size: int) -> dict[str, int]:
@@ -141,7 +143,12 @@ def read_manifest(directory: "Path | StorageDir") -> dict[str, Any]:
     storage = as_storage(directory)
     if not storage.exists(CHECKPOINT_MANIFEST):
         raise IncompleteCheckpointError(f"{storage.uri}: no {CHECKPOINT_MANIFEST}; the checkpoint was not finished")
-    manifest = json.loads(storage.read_text(CHECKPOINT_MANIFEST))
+    try:
+        manifest = json.loads(storage.read_text(CHECKPOINT_MANIFEST))
+    except (ValueError, UnicodeDecodeError) as error:
+        # Ray Train copies the checkpoint's files to storage in no set order: a copy stopped mid-way can leave
+        # the manifest itself cut short (a written manifest always ends in its closing brace, so it never parses).
+        raise IncompleteCheckpointError(f"{storage.uri}: {CHECKPOINT_MANIFEST} cut short ({error})") from None
     present = storage.files()
     expected = dict(manifest.get("files", {}))
     for shard in manifest["shards"]:

@@ -30,14 +30,19 @@ def test_manifest_lists_every_file_with_its_size(tmp_path):
 
 def test_cut_short_or_missing_files_make_a_checkpoint_incomplete(tmp_path):
     checkpoints = tmp_path / "checkpoints"
-    for step in (1, 2, 3):
+    for step in (1, 2, 3, 4, 5):
         _save(checkpoints / f"checkpoint_{step}", step)
     optimizer = checkpoints / "checkpoint_3" / "rank_00000" / "optimizer.pt"
     optimizer.write_bytes(optimizer.read_bytes()[:100])  # an upload cut short
     (checkpoints / "checkpoint_2" / "manifest.json").unlink()  # the writer died before the manifest
-    with pytest.raises(IncompleteCheckpointError, match="cut short"):
-        read_manifest(checkpoints / "checkpoint_3")
+    (checkpoints / "checkpoint_4" / "manifest.json").write_text("")  # the copy to storage stopped: created, empty
+    manifest = checkpoints / "checkpoint_5" / "manifest.json"
+    manifest.write_text(manifest.read_text()[:-40])  # ... or part-way through
+    for cut in ("checkpoint_3", "checkpoint_4", "checkpoint_5"):
+        with pytest.raises(IncompleteCheckpointError, match="cut short"):
+            read_manifest(checkpoints / cut)
     assert [m["step"] for _, m in complete_checkpoints(checkpoints)] == [1]
-    assert sorted(d.name for d in incomplete_checkpoints(checkpoints)) == ["checkpoint_2", "checkpoint_3"]
+    assert sorted(d.name for d in incomplete_checkpoints(checkpoints)) == ["checkpoint_2", "checkpoint_3", "checkpoint_4",
+                                                                             "checkpoint_5"]
     directory, manifest = newest_complete(checkpoints)
     assert directory.name == "checkpoint_1" and manifest["step"] == 1
