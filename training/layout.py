@@ -53,6 +53,21 @@ ZERO_TAG = "zero"
 EXPORT_FORMAT_VERSION = 1
 
 
+def read_metrics_log(path: str | Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's records, oldest first. A line that does not parse is skipped: only the last line of a
+    run killed while writing it can be cut, and the records before it stay readable (a resumed run writes on)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
 def shard_dir_name(rank: int) -> str:
     return f"rank_{rank:05d}"
 

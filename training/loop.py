@@ -29,7 +29,7 @@ from training.batching import batches_per_epoch, epoch_batches, evaluation_batch
 from training.checkpoint import (
     TrainState, load_model_weights, newest_complete, plan_resume, restore, save_shard,
 )
-from training.layout import CHECKPOINTS_DIR, METRICS_FILE
+from training.layout import CHECKPOINTS_DIR, METRICS_FILE, read_metrics_log
 from training.losses import class_weights_for, count_targets
 from training.methods import METHODS, count_parameters
 from training.feature_cache import cached_features
@@ -386,9 +386,10 @@ class _MetricsLog:
         if storage.local_path is None and storage.exists(METRICS_FILE):
             storage.download(METRICS_FILE, self.path)
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= keep_until_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [record for record in read_metrics_log(self.path) if record.get("step", 0) <= keep_until_step]
+            rewritten = self.path.with_name(f".{METRICS_FILE}.tmp")
+            rewritten.write_text("".join(json.dumps(record) + "\n" for record in kept))
+            rewritten.replace(self.path)  # a crash here leaves the old log or the new one, never neither
 
     def open_tracker(self) -> None:
         if self._open is not None and self._opening is None:

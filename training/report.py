@@ -11,13 +11,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from training.layout import CONFUSION_MATRIX_PNG, LOSS_CURVE_PNG, METRICS_FILE, REPORT_METRICS_FILE  # noqa: E402
-
-
-def read_metrics_log(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+from training.layout import (  # noqa: E402
+    CONFUSION_MATRIX_PNG, LOSS_CURVE_PNG, METRICS_FILE, REPORT_METRICS_FILE, read_metrics_log,
+)
 
 
 def write_report(run_dir: Path, report_dir: Path, manifest: dict[str, Any], checkpoint: str,
