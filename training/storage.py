@@ -62,8 +62,15 @@ class StorageDir:
         return self.read_bytes(relative).decode("utf-8")
 
     def write_text(self, relative: str, text: str) -> None:
+        """Whole or not at all: an object store's put already is; on a local disk the text goes to a temporary
+        file that is renamed over the target, so a crash mid-write never leaves job.yaml or tracking.json cut."""
         target = self._at(relative)
         self.filesystem.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        if self.local_path is not None:
+            written = Path(target).with_name(f".{Path(target).name}.tmp")
+            written.write_text(text, encoding="utf-8")
+            written.replace(target)
+            return
         with self.filesystem.open_output_stream(target) as stream:
             stream.write(text.encode("utf-8"))
 

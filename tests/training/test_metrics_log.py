@@ -1,5 +1,5 @@
-"""metrics.jsonl across a crash: a line cut by a kill mid-write does not stop the resumed run or its report,
-and the resumed run keeps the records up to its checkpoint's step."""
+"""Run files across a crash: a metrics.jsonl line cut by a kill mid-write does not stop the resumed run or its
+report, the resumed run keeps the records up to its checkpoint's step, and run files are replaced whole."""
 
 from __future__ import annotations
 
@@ -26,3 +26,11 @@ def test_a_resumed_run_keeps_records_to_its_checkpoint_and_drops_a_line_cut_by_t
         ("train", 1), ("train", 2), ("train", 3), ("resume", 3), ("train", 4)]
     assert records[-1]["loss"] == 0.2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
+def test_run_files_are_replaced_whole_on_a_local_disk(tmp_path):
+    run = StorageDir.local(tmp_path).child("job", "r1")
+    run.write_text("tracking.json", json.dumps({"mlflow_run_id": "a" * 32}))
+    run.write_text("tracking.json", json.dumps({"mlflow_run_id": "b"}))  # shorter: no tail of the old text left
+    assert json.loads(run.read_text("tracking.json")) == {"mlflow_run_id": "b"}
+    assert sorted(p.name for p in (tmp_path / "job" / "r1").iterdir()) == ["tracking.json"]
