@@ -48,7 +48,7 @@ from safetensors.torch import load_file, save_file
 import torch.distributed as dist
 
 from training.layout import CHECKPOINT_MANIFEST, MODEL_WEIGHTS, OPTIMIZER_STATE, TRAINER_STATE, shard_dir_name
-from training.storage import StorageDir, as_storage
+from training.storage import StorageDir, as_storage, write_whole
 
 
 @dataclass
@@ -123,9 +123,7 @@ def save_shard(
         "metrics": metrics,
         **(extra or {}),
     }
-    written = directory / f".{CHECKPOINT_MANIFEST}.tmp"
-    written.write_text(json.dumps(manifest, indent=2))
-    written.replace(directory / CHECKPOINT_MANIFEST)  # whole or absent, never half-written, in this directory
+    write_whole(directory / CHECKPOINT_MANIFEST, json.dumps(manifest, indent=2))  # whole or absent, never cut
 
 
 def _gather_files(directory: Path, world_size: int) -> dict[str, int]:

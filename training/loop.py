@@ -35,7 +35,7 @@ from training.methods import METHODS, count_parameters
 from training.feature_cache import cached_features
 from training.model_builder import build_training_model
 from training.optim import build_optimizer, lr_schedule, parameter_groups
-from training.storage import StorageDir
+from training.storage import StorageDir, write_whole
 from training.streaming import stream_epoch
 from training.tasks import TASKS, selection_metric
 from training.tracking import ExperimentTracker, TrackingError, open_tracker
@@ -387,9 +387,7 @@ class _MetricsLog:
             storage.download(METRICS_FILE, self.path)
         if self.path.exists():
             kept = [record for record in read_metrics_log(self.path) if record.get("step", 0) <= keep_until_step]
-            rewritten = self.path.with_name(f".{METRICS_FILE}.tmp")
-            rewritten.write_text("".join(json.dumps(record) + "\n" for record in kept))
-            rewritten.replace(self.path)  # a crash here leaves the old log or the new one, never neither
+            write_whole(self.path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def open_tracker(self) -> None:
         if self._open is not None and self._opening is None:

@@ -20,6 +20,14 @@ from typing import Iterator
 import pyarrow.fs as pafs
 
 
+def write_whole(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path` and rename it over `path`: a crash mid-write leaves the
+    old file or the new one, never a cut one that a resumed run would then fail to read."""
+    written = path.with_name(f".{path.name}.tmp")
+    written.write_text(text, encoding="utf-8")
+    written.replace(path)
+
+
 @dataclass(frozen=True)
 class StorageDir:
     """A directory on a filesystem. Picklable: it travels to Ray Train workers."""
@@ -67,9 +75,7 @@ class StorageDir:
         target = self._at(relative)
         self.filesystem.create_dir(target.rsplit("/", 1)[0], recursive=True)
         if self.local_path is not None:
-            written = Path(target).with_name(f".{Path(target).name}.tmp")
-            written.write_text(text, encoding="utf-8")
-            written.replace(target)
+            write_whole(Path(target), text)
             return
         with self.filesystem.open_output_stream(target) as stream:
             stream.write(text.encode("utf-8"))
