@@ -143,7 +143,7 @@ def read_manifest(directory: "Path | StorageDir") -> dict[str, Any]:
         raise IncompleteCheckpointError(f"{storage.uri}: no {CHECKPOINT_MANIFEST}; the checkpoint was not finished")
     try:
         manifest = json.loads(storage.read_text(CHECKPOINT_MANIFEST))
-    except (ValueError, UnicodeDecodeError) as error:
+    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError both are
         # Ray Train copies the checkpoint's files to storage in no set order: a copy stopped mid-way can leave
         # the manifest itself cut short (a written manifest always ends in its closing brace, so it never parses).
         raise IncompleteCheckpointError(f"{storage.uri}: {CHECKPOINT_MANIFEST} cut short ({error})") from None
