@@ -51,7 +51,7 @@ def test_hymenoptera_image_folder():
     assert prepared.summary()["skipped_images"] == 0
     assert sum(prepared.label_counts) == 245 and min(prepared.label_counts) > 100
     first = rows(prepared.train)[0]
-    assert first["image"].startswith(str(train)) and first["length"] == 1
+    assert first["image"].startswith(str(train.resolve())) and first["length"] == 1
 
 
 def test_dataset_root_instead_of_a_split_is_named():
