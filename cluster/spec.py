@@ -20,6 +20,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
+from cluster.errors import JobSpecError, Problem  # noqa: F401  (re-exported)
 from cluster.scale_spec import DeepSpeedSpec, deepspeed_problems
 from cluster.spec_paths import looks_like_local_path, path_problems, resolve_paths  # noqa: F401  (re-exported)
 from serving.config import ServeSpec
@@ -187,6 +188,11 @@ class TrainSpec(Strict):
         "opt in with bf16; fp16 is for GPUs."
     )
     seed: int = Field(42, description="Seeds data order, subsets, splits and initialisation.")
+    cpu_dropout: Literal["fast", "torch"] = Field(
+        "fast", description="Dropout on CPU workers. fast: the same Bernoulli mask drawn ~6x cheaper than torch's "
+        "bernoulli_ (MiniLM steps ~7% faster; reproducible, but a different random stream); torch: torch's own, "
+        "bit-identical to a plain PyTorch run with the same seed. GPUs always use torch's."
+    )
     group_by_length: bool = Field(True, description="Batch examples of similar length together: less padding, faster.")
     eval_every_steps: int | None = Field(None, gt=0, description="Evaluate and checkpoint every N steps; null: every epoch.")
     log_every_steps: int = Field(10, gt=0, description="Training-loss lines in metrics.jsonl every N steps.")
@@ -255,26 +261,6 @@ class JobSpec(Strict):
         data = self.model_dump(mode="json")
         data["method"] = {"name": self.method.name, **self.method.options}
         return data
-
-
-class Problem(BaseModel):
-    path: str
-    message: str
-    value: Any = None
-
-    def __str__(self) -> str:
-        shown = "" if self.value is None else f" (got {self.value!r})"
-        return f"{self.path}: {self.message}{shown}"
-
-
-class JobSpecError(ValueError):
-    """Every problem found in a job file, raised once."""
-
-    def __init__(self, problems: list[Problem], source: str = "job file") -> None:
-        self.problems = problems
-        self.source = source
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{source}: {len(problems)} problem{'s' if len(problems) != 1 else ''}\n{lines}")
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
