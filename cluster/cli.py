@@ -10,7 +10,7 @@ import sys
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 from cluster.commands import docs, job, jobs, k8s, model
-from cluster.spec import JobSpecError
+from cluster.errors import JobSpecError  # light: the job spec loads only for the commands that read one
 
 COMMAND_GROUPS = [job, model, jobs, k8s, docs]
 

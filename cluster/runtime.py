@@ -50,6 +50,10 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     # One machine, nothing to preempt: no Ray Train preemption-watcher actor (a process importing Ray
     # Train, ~1 s of CPU on the way to the first step).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # Nor the idle worker processes Ray starts for a new driver (one per CPU): Ray Train's and Serve's
+    # actors never run in them (their runtime environments differ), and on a small machine they take
+    # CPU from the controller starting beside them.
+    os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
     # Short path: Ray's unix sockets live under the temp dir (path length is limited).
     temp_dir = tempfile.mkdtemp(prefix="tfray-", dir="/tmp")
     ray.init(

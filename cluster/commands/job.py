@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
-from cluster.spec import JobSpecError, Problem, load_job, validate_job
+from cluster.errors import JobSpecError, Problem
 
 
 def add_job_arguments(sub) -> None:
@@ -34,6 +35,8 @@ def _data_problems(err, source: str) -> JobSpecError:
 
 
 def _validate(args) -> int:
+    from cluster.spec import load_job
+
     spec = load_job(args.job, args.overrides)
     print(f"{args.job}: ok ({spec.task}, method {spec.method.name}, {spec.scale.workers} worker(s))")
     return 0
@@ -53,24 +56,43 @@ def _storage(uri: str, source: str):
 
 def _train(args) -> int:
     from cluster.runtime import ray_session
-    from training.data.tables import DataError
-    from training.run import begin_run, new_run_id, run_training
-    from training.tracking import TrackingError
+
+    # Ray starts here (ray.init belongs on the main thread) while a thread imports the job spec, reads
+    # and validates the job, and begins tokenizing: each takes seconds, and one after the other they
+    # were most of the wait for the first step. A job with problems still stops before any worker
+    # starts, with the same message; the Ray started for it stops with it.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tunefleet-job") as pool:
+        begun = pool.submit(_begin, args)
+        with ray_session(args.address):
+            spec, run_id, storage, start = begun.result()
+            result = _run(args, spec, run_id, storage, start)
+    print(json.dumps({"run_dir": result.run_dir, "export": result.export_dir,
+                      "best_checkpoint": result.best_checkpoint, "metrics": result.metrics}, indent=2))
+    return _register(spec, result.export_dir)
+
+
+def _begin(args):
+    """The job validated, its run directory written, tokenizing and the tracker begun (training.run)."""
+    from cluster.spec import load_job
+    from training.run import begin_run, new_run_id
 
     spec = load_job(args.job, args.overrides)
     storage = _storage(spec.output.storage, args.job)
     run_id = args.run_id or new_run_id()
+    return spec, run_id, storage, begin_run(spec, run_id, storage)
+
+
+def _run(args, spec, run_id: str, storage, start):
+    from training.data.tables import DataError
+    from training.run import run_training
+    from training.tracking import TrackingError
+
     try:
-        start = begin_run(spec, run_id, storage)  # tokenizing and opening MLflow overlap Ray's start
-        with ray_session(args.address):
-            result = run_training(spec, run_id, storage, start)
+        return run_training(spec, run_id, storage, start)
     except DataError as err:
         raise _data_problems(err, args.job) from None
     except TrackingError as err:  # raised before any worker starts
         raise JobSpecError([Problem(path="output.tracking", message=str(err))], args.job) from None
-    print(json.dumps({"run_dir": result.run_dir, "export": result.export_dir,
-                      "best_checkpoint": result.best_checkpoint, "metrics": result.metrics}, indent=2))
-    return _register(spec, result.export_dir)
 
 
 def _register(spec, export_dir: str) -> int:
@@ -97,6 +119,7 @@ def _export(args) -> int:
     """RUN_DIR: a local run directory or its storage URI (s3://bucket/prefix/<job>/<run id>)."""
     import yaml
 
+    from cluster.spec import validate_job
     from cluster.storage import StorageError, resolve_storage
     from training.layout import JOB_FILE
     from training.run import export_run

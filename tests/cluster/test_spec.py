@@ -308,3 +308,23 @@ def test_validate_command_exit_2_with_every_problem_on_stderr(workdir, capsys):
                  "data.columns.label: dev.tsv has no column 'sentiment'"):
         assert line in captured.err
     assert "Traceback" not in captured.err
+
+
+@pytest.mark.integration
+def test_train_command_with_a_bad_job_exits_2_with_the_same_message_and_leaves_nothing(workdir):
+    """`tunefleet train` validates the job while its local Ray starts: a bad job still gets validate's one
+    message and exit 2, no traceback, no run directory, and the command ends (its Ray stops with it)."""
+    import os
+    import subprocess
+    import sys
+
+    job = good_job()
+    job["train"]["epochs"] = 0
+    job["output"] = {"storage": str(workdir / "runs")}
+    path = write_job(workdir, job)
+    done = subprocess.run([sys.executable, "-m", "cluster.cli", "train", str(path)], capture_output=True, text=True,
+                          timeout=180, env={**os.environ, "TUNEFLEET_NO_PROGRESS": "1"})
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert f"error: {path}: 1 problem" in done.stderr
+    assert "train.epochs: input should be greater than or equal to 1 (got 0)" in done.stderr
+    assert "Traceback" not in done.stderr and not (workdir / "runs").exists()

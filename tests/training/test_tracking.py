@@ -42,6 +42,28 @@ def _outputs(tmp_path: Path) -> tuple[Path, Path]:
     return report, export
 
 
+def test_new_local_stores_are_copies_of_one_migrated_by_mlflow(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    ids = []
+    for name in ("r1", "r2"):
+        run_dir = tmp_path / "runs" / "tiny-sentiment" / name
+        run_dir.mkdir(parents=True)
+        (run_dir / "job.yaml").write_text("name: tiny-sentiment\n")
+        tracker = open_tracker(_spec(), run_dir)
+        _train_a_little(tracker, [1, 2])
+        tracker.close()
+        ids.append(tracker.mlflow_run_id)
+    assert [p.name for p in (tmp_path / "cache" / "tunefleet").iterdir()] == [f"mlflow-{mlflow.__version__}-empty.db"]
+    for name, run_id in zip(("r1", "r2"), ids):  # each store holds its own run only, with its metrics
+        client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'tiny-sentiment' / name / 'mlflow.db'}")
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        assert [r.info.run_id for r in runs] == [run_id] and runs[0].data.metrics["eval/accuracy"] == 0.75
+        default = client.get_experiment("0")
+        assert default.artifact_location == str(tmp_path / "mlruns" / "0")  # as MLflow would have set it
+
+
 def test_local_store_in_run_dir_by_default(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run_dir = tmp_path / "runs" / "tiny-sentiment" / "r1"
