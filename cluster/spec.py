@@ -190,7 +190,8 @@ class TrainSpec(Strict):
     seed: int = Field(42, description="Seeds data order, subsets, splits and initialisation.")
     cpu_dropout: Literal["fast", "torch"] = Field(
         "fast", description="Dropout on CPU workers. fast: the same Bernoulli mask drawn ~6x cheaper than torch's "
-        "bernoulli_ (MiniLM steps ~7% faster; reproducible, but a different random stream); torch: torch's own, "
+        "bernoulli_ (a MiniLM training step 6-8% faster in a plain loop, docs/performance.md; reproducible, but a "
+        "different random stream); torch: torch's own, "
         "bit-identical to a plain PyTorch run with the same seed. GPUs always use torch's."
     )
     group_by_length: bool = Field(True, description="Batch examples of similar length together: less padding, faster.")
