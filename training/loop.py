@@ -40,6 +40,7 @@ from training.storage import StorageDir, write_whole
 from training.streaming import stream_epoch
 from training.tasks import TASKS, selection_metric
 from training.tracking import ExperimentTracker, TrackingError, open_tracker
+from training.unread_positions import skip_unread_positions
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -61,6 +62,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = build_training_model(spec, prepared.labels, on_cuda=device.type == "cuda")
     # torch's CPU dropout mask costs ~12% of a step (training/cpu_dropout.py); None: torch's dropout
     cpu_dropout = use_cpu_dropout(model) if device.type == "cpu" and spec.train.cpu_dropout == "fast" else None
+    # a BERT-family classifier's last layer: only the position its head reads (training/unread_positions.py)
+    skipped = skip_unread_positions(model) if spec.train.unread_positions == "skip" else None
     trainable, total = count_parameters(model)
     if trainable == 0:
         print(f"WARNING: method {spec.method.name} leaves no trainable parameters; the model will not change")
@@ -131,7 +134,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         log.write({"event": "start", "step": state.step, "trainable_parameters": trainable, "optimizer": optimizer_name,
                    "total_parameters": total, "world_size": world, "total_steps": total_steps,
-                   "deepspeed": None if zero is None else {"stage": zero_stage}, "cpu_dropout": cpu_dropout})
+                   "deepspeed": None if zero is None else {"stage": zero_stage}, "cpu_dropout": cpu_dropout,
+                   "unread_positions_skipped": skipped})
 
     def forward(batch: dict, examples: list[int] | None = None) -> torch.Tensor:
         """examples: the training batch's example indices (the feature cache keys); None in evaluation."""

@@ -94,6 +94,8 @@ def test_train_kill_resume_export_serve(tmp_path, tiny_text_model, sentiment_tsv
     assert len(starts) == 2 and starts[0]["step"] == 0
     # CPU workers train with tunefleet's dropout (training/cpu_dropout.py): BERT's modules and its attention
     assert starts[0]["cpu_dropout"]["attention"] == 1 and starts[0]["cpu_dropout"]["dropout_modules"] > 0
+    # and the last layer computes only the first token, the one the head reads (training/unread_positions.py)
+    assert starts[0]["unread_positions_skipped"] == {"model_type": "bert", "layer": 1}
     resumed_at = starts[1]["step"]
     assert resumed_at in saved and resumed_at > 0  # a step that was saved, not a restart from scratch
     train_steps = [r["step"] for r in records if r["event"] == "train"]
