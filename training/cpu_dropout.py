@@ -7,8 +7,13 @@ docs/performance.md), more than the GELUs, layer norms and softmaxes together.
 
 Here an element is kept when a 16-bit slice of `random_`'s 64-bit words is above a threshold: the
 drop rate is p rounded to a multiple of 1/65536 (0.1 → 0.1000061) and the kept values are scaled by
-the inverse of that rate, so the expected output is the input, as with torch. The mask is applied
-forward and backward by torch's own fused kernel (`native_dropout_backward`: input × mask × scale).
+the inverse of that rate, so the expected output is the input, as with torch. A float32 input gets
+its mask as float32 scales (0 or 1/(1 - p)), made from the 16-bit slices by vectorized arithmetic,
+so forward and backward are one multiply each. torch's CPU kernels do not vectorize bool → float:
+on attention probabilities of 32 × 12 × 54 × 54, `native_dropout_backward` (input × bool mask ×
+scale) took 4.8 ms, `torch.where(keep, scale, 0)` 1.1 ms, the arithmetic here 0.25 ms and the float
+multiply 0.2 ms (2 cores); a MiniLM training step got 2.7% faster (64 steps each, alternated). Other dtypes (bfloat16 under autocast) keep `native_dropout_backward`,
+which scales in float32 before rounding, so the kept values are not biased by a rounded scale.
 The bits come from torch's seeded CPU generator: runs stay reproducible (activation checkpointing's
 RNG replay included), but the random stream differs from torch's dropout; `train.cpu_dropout: torch`
 keeps torch's. CUDA's dropout (Philox, fused into the attention kernels) is fast: left alone there.
@@ -36,8 +41,26 @@ def drop(x: torch.Tensor, p: float) -> torch.Tensor:
         return x
     n = x.numel()
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)  # every bit random
-    keep = words.view(torch.int16)[:n].view(x.shape) >= dropped - _LANES // 2
-    return _ApplyMask.apply(x, keep, _LANES / (_LANES - dropped))
+    lanes = words.view(torch.int16)[:n].view(x.shape)
+    threshold, scale = dropped - _LANES // 2, _LANES / (_LANES - dropped)  # keep lanes >= threshold
+    if x.dtype == torch.float32:
+        # lane - (threshold - 1) is >= 1 where kept and <= 0 where dropped (integers, exact in float32):
+        # clamped to [0, 1], times the scale, it is the scaled mask, with no bool tensor in between.
+        scales = lanes.to(torch.float32).sub_(threshold - 1).clamp_(0, 1).mul_(scale)
+        return _ApplyScales.apply(x, scales)
+    return _ApplyMask.apply(x, lanes >= threshold, scale)
+
+
+class _ApplyScales(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scales):
+        ctx.save_for_backward(scales)
+        return x * scales
+
+    @staticmethod
+    def backward(ctx, grad):
+        (scales,) = ctx.saved_tensors
+        return grad * scales, None
 
 
 class _ApplyMask(torch.autograd.Function):

@@ -23,6 +23,20 @@ def test_drop_rate_and_expectation_match_torch_dropout(p):
     assert torch.allclose(x.grad[y != 0], y[y != 0])
 
 
+def test_float32_scales_and_bfloat16_mask_drop_the_same_elements_and_scale_kept_ones_exactly():
+    x = torch.randn(6, 7, 33, requires_grad=True)
+    torch.manual_seed(3)
+    y = drop(x, 0.1)  # float32: a float mask of scales
+    torch.manual_seed(3)
+    y16 = drop(x.detach().bfloat16(), 0.1)  # other dtypes: a bool mask and native_dropout_backward
+    assert y16.dtype == torch.bfloat16 and torch.equal(y == 0, y16 == 0)
+    scale = torch.tensor(65536 / (65536 - round(0.1 * 65536)), dtype=torch.float32)
+    kept = y != 0
+    assert torch.equal(y[kept], x.detach()[kept] * scale)  # one rounding, as torch's dropout
+    (grad,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    assert torch.equal(grad, torch.where(kept, scale, 0.0))
+
+
 def test_drop_is_seeded_and_shaped():
     x = torch.randn(3, 5, 7)
     torch.manual_seed(1)
