@@ -226,7 +226,7 @@ class ScaleSpec(Strict):
 
 
 class TrackingSpec(Strict):
-    mlflow: bool = Field(True, description="Log the job's parameters, every metric, the report and the export to MLflow (from rank 0).")
+    mlflow: bool = Field(True, description="Log the job's parameters, every metric, the report and the export to MLflow.")
     mlflow_uri: str | None = Field(
         None, description="MLflow tracking URI; null: $MLFLOW_TRACKING_URI, else a local store in the run directory (mlflow.db)."
     )

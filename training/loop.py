@@ -123,10 +123,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
     # Opening the tracker (importing MLflow, joining the driver's run: ~2.4 s of CPU here) starts once the
     # first step is done: on a small machine it would slow that step (the user's first sign of progress)
-    # as much as it takes. Records written meanwhile wait for it (_MetricsLog).
+    # as much as it takes. Records written meanwhile wait for it (_MetricsLog). Where the driver reads
+    # metrics.jsonl as it is written, it logs them itself (training.tracking.MetricsFollower): no tracker here.
     start_step = state.step
+    tracker_here = rank == 0 and not config.get("tracker_on_driver")
     open_tracker_later = (lambda: _in_background(_rank0_tracker, spec, storage, config.get("mlflow_tracking_uri"),
-                                                 start_step)) if rank == 0 else None
+                                                 start_step)) if tracker_here else None
     log = _MetricsLog(storage, rank == 0, keep_until_step=state.step, open_tracker=open_tracker_later)
     if plan is not None and rank == 0:
         log.write({"event": "resume", "step": state.step, "from_world_size": plan.manifest["world_size"],

@@ -29,7 +29,7 @@ from training.entry import train_worker
 from training.report import write_report
 from training.storage import StorageDir, as_storage
 from training.tasks import TASKS, PreparedData, selection_metric
-from training.tracking import open_tracker
+from training.tracking import ExperimentTracker, MetricsFollower, open_tracker
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def run_training(spec: Any, run_id: str, storage: StorageDir | None = None, star
     print(f"data: {json.dumps(prepared.summary())}")
     tracker = start.tracker.result()  # TrackingError here: before any worker starts
     try:
-        result = _train_export_report(spec, run, prepared)
+        result = _train_export_report(spec, run, prepared, tracker)
     except BaseException as err:
         tracker.close("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
@@ -95,15 +95,19 @@ def run_training(spec: Any, run_id: str, storage: StorageDir | None = None, star
     return result
 
 
-def _train_export_report(spec: Any, run: StorageDir, prepared: Any) -> RunResult:
+def _train_export_report(spec: Any, run: StorageDir, prepared: Any, tracker: ExperimentTracker) -> RunResult:
     use_gpu = _use_gpu(spec.scale.use_gpu, spec.scale.workers)
+    # The driver logs rank 0's metrics to the tracker where it can read them as they are written.
+    follower = MetricsFollower(run.local_path / METRICS_FILE, tracker, since=time.time()) \
+        if run.local_path is not None and _one_node_here() else None
     cpus = spec.scale.cpus_per_worker or _cpus_per_worker(spec, prepared)
     metric, higher_is_better = selection_metric(spec)
     streamed = {} if prepared.train_stream is None else {
         "datasets": {"train": prepared.train_stream}, "dataset_config": streaming.ingest_options()}
     payload = ray.put({"spec": spec, "data": prepared.without_stream(), "storage": run, "cpus_per_worker": cpus,
                        # rank 0 joins the driver's MLflow run (workers on a remote cluster lack the driver's env)
-                       "mlflow_tracking_uri": os.environ.get("MLFLOW_TRACKING_URI")})
+                       "mlflow_tracking_uri": os.environ.get("MLFLOW_TRACKING_URI"),
+                       "tracker_on_driver": follower is not None})
     trainer = TorchTrainer(
         train_worker,  # light to import: the controller passes the payload on unread (training/entry.py)
         **streamed,  # data.streaming: Ray Train hands each worker its share of the stream
@@ -126,7 +130,11 @@ def _train_export_report(spec: Any, run: StorageDir, prepared: Any) -> RunResult
             failure_config=FailureConfig(max_failures=spec.scale.max_failures),
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        if follower is not None:
+            follower.stop()
     checkpoints = run.child(CHECKPOINTS_DIR)
     remove_leftover_checkpoints(checkpoints, result)
     del result
@@ -198,6 +206,12 @@ def _cpus_per_worker(spec: Any, prepared: Any) -> float:
     if prepared.train_stream is None:
         return max(1, int(total) // spec.scale.workers)
     return max(0.5, (total - 2 * streaming.DATA_CPUS) / spec.scale.workers)
+
+
+def _one_node_here() -> bool:
+    """Ray has one live node and this driver is on it: the workers write this machine's files."""
+    nodes = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
+    return nodes == [ray.get_runtime_context().get_node_id()]
 
 
 def _use_gpu(setting: str | bool, workers: int) -> bool:

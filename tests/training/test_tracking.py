@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from cluster.spec import JobSpec
-from training.tracking import TrackingError, open_tracker
+from training.tracking import MetricsFollower, TrackingError, open_tracker
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -102,6 +102,7 @@ def test_tensorboard_events_and_resume_purge(tmp_path, monkeypatch):
     first = open_tracker(_spec(mlflow=False), run_dir)
     _train_a_little(first, list(range(1, 11)))
     first.close()
+    time.sleep(1.1)  # TensorBoard names event files by the second, then a per-process counter (9 sorts after 10)
     resumed = open_tracker(_spec(mlflow=False), run_dir, resume_step=5)  # the checkpoint was at step 5
     _train_a_little(resumed, [6, 7])
     resumed.close()
@@ -112,6 +113,49 @@ def test_tensorboard_events_and_resume_purge(tmp_path, monkeypatch):
     steps = [e.step for e in events.Scalars("train/loss")]
     assert steps == [1, 2, 3, 4, 5, 6, 7]  # steps 6-10 of the first attempt were dropped: the curve joins
     assert events.Scalars("eval/accuracy")[-1].value == 0.75
+
+
+def test_driver_follows_rank0_metrics_once_in_order_across_a_resume(tmp_path):
+    """MetricsFollower: records written after it started, each once; a cut line waits for its end; a resume
+    rewrites the file (records up to its checkpoint), and TensorBoard then hides the first attempt past it."""
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from training.storage import write_whole
+
+    run_dir = tmp_path / "run"
+    tracker = open_tracker(_spec(), run_dir)  # a local MLflow store in the run directory, and TensorBoard
+    metrics = run_dir / "metrics.jsonl"
+
+    def line(event, step, **values):
+        return json.dumps({"event": event, "step": step, "time": time.time(), **values}) + "\n"
+
+    metrics.write_text(line("train", 99, loss=9.0))  # an earlier command's record: not this run's to send
+    follower = MetricsFollower(metrics, tracker, since=time.time(), interval=0.05)
+    with metrics.open("a") as handle:
+        handle.write(line("start", 0) + "".join(line("train", step, loss=1.0 / step) for step in (1, 2, 3, 4)))
+        cut = line("eval", 4, accuracy=0.5)
+        handle.write(cut[:10])
+        handle.flush()
+        time.sleep(0.5)
+        handle.write(cut[10:])
+    time.sleep(1.1)  # a new second for TensorBoard's next event file (see above)
+    kept = [json.loads(x) for x in metrics.read_text().splitlines() if json.loads(x)["step"] <= 2]
+    write_whole(metrics, "".join(json.dumps(r) + "\n" for r in kept)  # rank 0 resumed at step 2
+                + line("resume", 2) + "".join(line("train", step, loss=0.1 / step) for step in (3, 4, 5)))
+    follower.stop()
+    tracker.close("FINISHED")
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    run_id = json.loads((run_dir / "tracking.json").read_text())["mlflow_run_id"]
+    history = [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")]
+    assert history == [(1, 1.0), (2, 0.5), (3, 1 / 3), (4, 0.25), (3, 0.1 / 3), (4, 0.025), (5, 0.02)]
+    assert [m.value for m in client.get_metric_history(run_id, "eval/accuracy")] == [0.5]  # the cut line, once
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [(e.step, round(e.value, 4)) for e in events.Scalars("train/loss")] == [
+        (1, 1.0), (2, 0.5), (3, 0.0333), (4, 0.025), (5, 0.02)]  # the curve joins at the resumed step
 
 
 def _free_port() -> int:
@@ -202,6 +246,7 @@ def test_remote_run_directory_uploads_tensorboard(tmp_path, monkeypatch, capsys)
     assert first.client is None and "MLflow is off for this run" in capsys.readouterr().out
     _train_a_little(first, [1, 2, 3, 4])
     first.close()
+    time.sleep(1.1)  # TensorBoard names event files by the second, then a per-process counter (9 sorts after 10)
     resumed = open_tracker(_spec(), run, resume_step=2)
     _train_a_little(resumed, [3])
     resumed.close()
