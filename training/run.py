@@ -98,8 +98,7 @@ def run_training(spec: Any, run_id: str, storage: StorageDir | None = None, star
 def _train_export_report(spec: Any, run: StorageDir, prepared: Any, tracker: ExperimentTracker) -> RunResult:
     use_gpu = _use_gpu(spec.scale.use_gpu, spec.scale.workers)
     # The driver logs rank 0's metrics to the tracker where it can read them as they are written.
-    follower = MetricsFollower(run.local_path / METRICS_FILE, tracker, since=time.time()) \
-        if run.local_path is not None and _one_node_here() else None
+    tracker_on_driver = run.local_path is not None and _one_node_here()
     cpus = spec.scale.cpus_per_worker or _cpus_per_worker(spec, prepared)
     metric, higher_is_better = selection_metric(spec)
     streamed = {} if prepared.train_stream is None else {
@@ -107,7 +106,7 @@ def _train_export_report(spec: Any, run: StorageDir, prepared: Any, tracker: Exp
     payload = ray.put({"spec": spec, "data": prepared.without_stream(), "storage": run, "cpus_per_worker": cpus,
                        # rank 0 joins the driver's MLflow run (workers on a remote cluster lack the driver's env)
                        "mlflow_tracking_uri": os.environ.get("MLFLOW_TRACKING_URI"),
-                       "tracker_on_driver": follower is not None})
+                       "tracker_on_driver": tracker_on_driver})
     trainer = TorchTrainer(
         train_worker,  # light to import: the controller passes the payload on unread (training/entry.py)
         **streamed,  # data.streaming: Ray Train hands each worker its share of the stream
@@ -130,9 +129,10 @@ def _train_export_report(spec: Any, run: StorageDir, prepared: Any, tracker: Exp
             failure_config=FailureConfig(max_failures=spec.scale.max_failures),
         ),
     )
+    follower = MetricsFollower(run.local_path / METRICS_FILE, tracker, since=time.time()) if tracker_on_driver else None
     try:
         result = trainer.fit()
-    finally:
+    finally:  # the records written so far are logged before the tracker is closed, on failure too
         if follower is not None:
             follower.stop()
     checkpoints = run.child(CHECKPOINTS_DIR)

@@ -197,17 +197,20 @@ class MetricsFollower:
         """The records written so far are sent when this returns."""
         self._stopped.set()
         self._thread.join()
-        self._send_new()
+        self._send_new_or_warn()
 
     def _follow(self) -> None:
         if self.tracker._tensorboard:
             import torch.utils.tensorboard  # noqa: F401 - ~1 s of imports, before the first record
 
         while not self._stopped.wait(self.interval):
-            try:
-                self._send_new()
-            except OSError as err:  # the metrics stay in metrics.jsonl; the tracker misses them
-                print(f"WARNING: could not read {self.path} for experiment tracking ({err}); retrying")
+            self._send_new_or_warn()
+
+    def _send_new_or_warn(self) -> None:
+        try:
+            self._send_new()
+        except OSError as err:  # the metrics stay in metrics.jsonl; only the tracker misses them (for now)
+            print(f"WARNING: could not read {self.path} for experiment tracking ({err})")
 
     def _send_new(self) -> None:
         try:
