@@ -1,13 +1,13 @@
-"""What `serve.dtype: auto` costs in quality and gives in speed: float32 vs bfloat16 on one trained export.
+"""What `serve.dtype: auto` costs in quality and gives in speed: float32 vs bfloat16 vs int8 on one trained export.
 
     python benchmarks/serve_precision.py [EXPORT_DIR] [--limit 800]
 
 Without EXPORT_DIR it fine-tunes MiniLM on the seeded AG News split of
 benchmarks/train_text_classification.py (`tunefleet train`, 187 steps) and uses that export.
-Both dtypes run the serving handler (serving.load_handler, 2 torch threads) over the same
-validation rows in batches of 16: accuracy of each, how often the two agree on the label,
-the largest score difference, and sequences/s. Results print and go to
-benchmarks/results/serve_precision.json.
+Each dtype (`--dtypes`; `auto` is what this machine's default picks) runs the serving handler
+(serving.load_handler, 2 torch threads) over the same validation rows in batches of 16: accuracy,
+how often it agrees with float32 on the label, the largest score difference, and sequences/s.
+Results print and go to benchmarks/results/serve_precision.json.
 """
 
 from __future__ import annotations
@@ -52,8 +52,9 @@ def measure(export: Path, rows: list[tuple[str, str]], dtype: str) -> dict:
     for i in range(0, len(items), BATCH):
         outputs.extend(handler.run_batch(items[i:i + BATCH]))
     seconds = time.perf_counter() - start
-    return {"outputs": outputs, "seq_per_s": len(items) / seconds,
-            "weights_dtype": str(next(handler.model.parameters()).dtype)}
+    quantized = any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in handler.model.modules())
+    weights = "int8" if quantized else str(next(handler.model.parameters()).dtype)
+    return {"outputs": outputs, "seq_per_s": len(items) / seconds, "weights_dtype": weights}
 
 
 def main() -> None:
@@ -61,8 +62,11 @@ def main() -> None:
     parser.add_argument("export_dir", nargs="?")
     parser.add_argument("--validation", help="with EXPORT_DIR: AG News-style CSV (label, title, description)")
     parser.add_argument("--limit", type=int, default=800)
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "int8", "auto"],
+                        help="serve.dtype values to compare (float32 is always measured: the reference)")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/serve_precision.json"))
     args = parser.parse_args()
+    args.dtypes = ["float32", *(d for d in dict.fromkeys(args.dtypes) if d != "float32")]
 
     if args.export_dir:
         export, validation = Path(args.export_dir), Path(args.validation or "")
@@ -72,25 +76,27 @@ def main() -> None:
     rows = [(f"{title} {body}", labels[int(label) - 1])
             for label, title, body in list(csv.reader(validation.open(encoding="utf-8")))[: args.limit]]
 
-    runs = {dtype: measure(export, rows, dtype) for dtype in ("float32", "bfloat16")}
+    runs = {dtype: measure(export, rows, dtype) for dtype in args.dtypes}
     gold = [label for _, label in rows]
+    exact = runs["float32"]["outputs"]
     results = {}
     for dtype, run in runs.items():
         predicted = [output[0][0] for output in run["outputs"]]
-        results[dtype] = {"accuracy": sum(p == g for p, g in zip(predicted, gold)) / len(gold),
-                          "seq_per_s": round(run["seq_per_s"], 1), "weights_dtype": run["weights_dtype"]}
-    fp32, bf16 = runs["float32"]["outputs"], runs["bfloat16"]["outputs"]
-    agree = sum(a[0][0] == b[0][0] for a, b in zip(fp32, bf16)) / len(fp32)
-    score_diff = max(abs(dict(a)[label] - dict(b)[label]) for a, b in zip(fp32, bf16) for label, _ in a)
-    summary = {"rows": len(rows), "batch": BATCH, "export": str(export), "results": results,
-               "label_agreement": agree, "max_score_difference": round(score_diff, 4),
-               "accuracy_difference_points": round(100 * (results["bfloat16"]["accuracy"]
-                                                          - results["float32"]["accuracy"]), 2),
-               "speedup_bf16": round(results["bfloat16"]["seq_per_s"] / results["float32"]["seq_per_s"], 2)}
+        results[dtype] = {
+            "accuracy": sum(p == g for p, g in zip(predicted, gold)) / len(gold),
+            "seq_per_s": round(run["seq_per_s"], 1), "weights": run["weights_dtype"],
+            "label_agreement_with_float32": sum(a[0][0] == b[0][0] for a, b in zip(exact, run["outputs"])) / len(exact),
+            "max_score_difference": round(max(abs(dict(a)[label] - dict(b)[label])
+                                              for a, b in zip(exact, run["outputs"]) for label, _ in a), 4),
+        }
+        results[dtype]["accuracy_difference_points"] = round(100 * (results[dtype]["accuracy"]
+                                                                    - results["float32"]["accuracy"]), 2)
+        results[dtype]["speedup_over_float32"] = round(results[dtype]["seq_per_s"] / results["float32"]["seq_per_s"], 2)
+    summary = {"rows": len(rows), "batch": BATCH, "export": str(export), "results": results}
     for dtype, r in results.items():
-        print(f"{dtype:9s} accuracy {r['accuracy']:.4f}  {r['seq_per_s']:7.1f} seq/s  ({r['weights_dtype']})")
-    print(f"label agreement {agree:.4f}, largest score difference {score_diff:.4f}, "
-          f"bf16 speed-up {summary['speedup_bf16']:.2f}x")
+        print(f"{dtype:9s} accuracy {r['accuracy']:.4f} ({r['accuracy_difference_points']:+.2f} pt)  "
+              f"{r['seq_per_s']:7.1f} seq/s ({r['speedup_over_float32']:.2f}x)  agree {r['label_agreement_with_float32']:.4f}"
+              f"  max score diff {r['max_score_difference']:.4f}  ({r['weights']})")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {args.out}")

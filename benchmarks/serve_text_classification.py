@@ -7,12 +7,14 @@ head to a temp dir. Each scenario runs in its own process, one after another, an
 generator (`hey` if installed, else a bounded httpx client) sends the same POST to it:
 
   serve-1r / serve-2r  tunefleet's serve_exports, 1 replica (2 CPUs) / 2 replicas (1 CPU each),
-                      its defaults: dtype auto (bfloat16 on a CPU with AVX512-BF16 or AMX)
+                      its defaults: dtype auto (bfloat16 on a CPU with AVX512-BF16 or AMX, else int8)
   serve-1r-fp32 / -2r-fp32  the same with dtype float32: the baselines' precision
   pipeline            FastAPI + uvicorn calling transformers.pipeline per request (float32)
   selfbatch           FastAPI app batching requests itself (asyncio queue, 16 / 5 ms; float32)
   selfbatch-bf16      the same app with the model cast to bfloat16: serving machinery vs machinery
-  model               the model alone in-process: single requests/s and batch-16 sequences/s, per dtype
+  selfbatch-int8      the same app with int8 Linear layers (torch's dynamic quantization), as auto serves on other CPUs
+  model               the served model alone in-process (serving.load_handler): single requests/s and
+                      batch-16 sequences/s, per dtype
 
 Results print as a table with ratios and go to benchmarks/results/serve_text_classification.json.
 `--ingress proxy` uses Serve's stock Python proxy instead of HAProxy; `--serve-env '{"RAY_SERVE_...": "1"}'`
@@ -123,7 +125,13 @@ def child_selfbatch(export: str, port: int, dtype: str) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(export)
-    model = AutoModelForSequenceClassification.from_pretrained(export).to(getattr(torch, dtype)).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(export).eval()
+    if dtype == "int8":  # what a user writing this app would do for int8: torch's dynamic quantization
+        from serving.placement import quantize_linear_layers
+
+        model = quantize_linear_layers(model)
+    else:
+        model = model.to(getattr(torch, dtype))
     labels = model.config.id2label
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -165,8 +173,11 @@ def child_selfbatch(export: str, port: int, dtype: str) -> None:
 
 
 def child_model(export: str, requests: int) -> None:
+    from serving.placement import cpu_has_native_bf16
+
     results = {}
-    for dtype in ("float32", "bfloat16"):
+    # bfloat16 only where the CPU multiplies it natively: elsewhere it is ~7x slower than float32 and nobody serves it
+    for dtype in ("float32", "int8", "auto", *(["bfloat16"] if cpu_has_native_bf16() else [])):
         single, batched = _model_rates(export, requests, dtype)
         results |= {f"single_req_per_s_{dtype}": single, f"batch16_seq_per_s_{dtype}": batched}
     print("RESULT " + json.dumps(results), flush=True)
@@ -315,7 +326,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--text", choices=sorted(TEXTS), default="news", help="the request's text (same every time)")
     parser.add_argument("--only", nargs="*", default=["serve-1r", "serve-2r", "serve-1r-fp32", "serve-2r-fp32",
-                                                      "pipeline", "selfbatch", "selfbatch-bf16", "model"])
+                                                      "pipeline", "selfbatch", "selfbatch-bf16", "selfbatch-int8",
+                                                      "model"])
     parser.add_argument("--serve-env", help="JSON env vars for Serve, added to serving.server.SERVE_ENV_VARS")
     parser.add_argument("--ingress", default="haproxy", choices=["haproxy", "proxy"], help="serve_exports' ingress")
     parser.add_argument("--serve-batch", type=int, default=BATCH, help="ServeSpec.max_batch_size")
@@ -368,6 +380,7 @@ def main() -> None:
             "pipeline": ("pipeline", [export, "--port", port, "--text", args.text]),
             "selfbatch": ("selfbatch", [export, "--port", port, "--text", args.text]),
             "selfbatch-bf16": ("selfbatch", [export, "--port", port, "--text", args.text, "--dtype", "bfloat16"]),
+            "selfbatch-int8": ("selfbatch", [export, "--port", port, "--text", args.text, "--dtype", "int8"]),
             "model": ("model", [export, "--requests", str(args.requests), "--text", args.text]),
         }[name]
         results[name] = run_scenario(child[0], child[1], args)
@@ -378,8 +391,8 @@ def main() -> None:
 
     ratios = {}
     for serve_name in ("serve-1r", "serve-2r", "serve-1r-fp32", "serve-2r-fp32"):
-        for base in ("pipeline", "selfbatch", "selfbatch-bf16"):
-            if base == "selfbatch-bf16" and serve_name.endswith("-fp32"):
+        for base in ("pipeline", "selfbatch", "selfbatch-bf16", "selfbatch-int8"):
+            if base in ("selfbatch-bf16", "selfbatch-int8") and serve_name.endswith("-fp32"):
                 continue  # machinery vs machinery compares like dtypes
             if rps(serve_name) and rps(base):
                 ratios[f"{serve_name}/{base}"] = round(rps(serve_name) / rps(base), 2)

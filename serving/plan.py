@@ -165,6 +165,9 @@ def make_plan(
     built = {}
     for key in keys:
         settings = pool_settings.get(key, PoolRequest(key))
+        if (settings.spec or spec).dtype == "int8":  # adapters switch float tensors on one base; not quantized
+            problems.append(f"{settings.where or 'serve'}: {key.describe()}: serve.dtype int8 is for full models; an adapter "
+                            "pool serves float32 or bfloat16: use auto, float32 or bfloat16")
         built[key] = AdapterPool(app_name=pool_app_name(key), key=key, spec=settings.spec or spec,
                                  max_models_per_replica=settings.max_models_per_replica or max_models_per_replica,
                                  affinity=settings.affinity)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 
 DTYPE_OPTION = dict(
-    choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+    choices=["auto", "float32", "bfloat16", "float16", "int8"], default="auto",
     help="the model's dtype (serve.dtype): auto is bfloat16 where the hardware multiplies it natively, else float32; "
-         "float32 gives the training run's exact scores")
+         "int8 quantizes Linear layers (CPU only, faster, labels can move); float32 gives the training run's exact scores")
 
 
 def register(commands) -> None:
@@ -66,6 +66,10 @@ def _predict(args) -> int:
     if args.dtype == "float16" and not on_gpu:  # as ServeSpec refuses it for a replica without a GPU
         print("error: --dtype float16: predict runs on the CPU here, which multiplies float16 hundreds of times "
               "slower than float32; use bfloat16, float32 or auto", file=sys.stderr)
+        return 2
+    if args.dtype == "int8" and on_gpu:  # as ServeSpec refuses it for a replica with a GPU
+        print("error: --dtype int8: int8 is torch's dynamic quantization, which runs on CPUs only; "
+              "use --device cpu, or bfloat16 / float16 / auto on the GPU", file=sys.stderr)
         return 2
     spec = ServeSpec(dtype=args.dtype, num_gpus=1 if on_gpu else 0)
     given = {} if args.top_k is None else {"top_k": args.top_k}

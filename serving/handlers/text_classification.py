@@ -1,4 +1,11 @@
-"""Text classification (single texts or text pairs): softmax over the export's labels."""
+"""Text classification (single texts or text pairs): softmax over the export's labels.
+
+The model's last encoder layer computes only the first position, the one the classification head
+reads (training.unread_positions, which training uses too): the scores are the full model's (to
+float rounding), and MiniLM classifies 1.14x as many 50-token texts a second in batches of 16
+(fp32, 2 threads: 136 vs 120; int8: 199 vs 172). It touches only the architectures that module
+lists and leaves any other model unchanged.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ from serving.handlers.registry import register_handler
 from serving.placement import place, replica_device
 from serving.schemas import TextClassificationRequest, TextClassificationResponse, TextPair
 from training.layout import ExportInfo
+from training.unread_positions import skip_unread_positions
 
 # One item: (text, text_pair or None). One output: every (label, score), best first.
 Item = tuple[str, "str | None"]
@@ -51,6 +59,7 @@ class TextClassificationHandler(TaskHandler):
         device = replica_device(spec)
         tokenizer = AutoTokenizer.from_pretrained(export_dir, local_files_only=True)
         model = AutoModelForSequenceClassification.from_pretrained(export_dir, local_files_only=True)
+        skip_unread_positions(model)
         return cls(info, spec, place(model, spec, device, cls.auto_bfloat16), tokenizer, device)
 
     def prepare(self, request: TextClassificationRequest) -> list[Item]:

@@ -142,6 +142,45 @@ def test_auto_dtype_is_bfloat16_where_the_cpu_multiplies_it_and_answers_as_float
             assert got[0][0] == want[0][0]
 
 
+def test_served_classifier_computes_only_the_read_position_of_its_last_layer_with_the_full_models_scores(
+    tiny_export: Path,
+) -> None:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    handler = load_handler(tiny_export, ServeSpec(dtype="float32"))
+    layers = handler.model.bert.encoder.layer
+    assert type(layers[-1]).__name__.startswith("FirstToken") and not type(layers[0]).__name__.startswith("FirstToken")
+    texts = ["a wonderful film", "dull and far too long, with a plot nobody could follow", "fine"]  # padded batch
+    full = AutoModelForSequenceClassification.from_pretrained(tiny_export).eval()
+    with torch.inference_mode():
+        encoded = AutoTokenizer.from_pretrained(tiny_export)(texts, padding=True, return_tensors="pt")
+        want = full(**encoded).logits.softmax(-1)
+    for row, scored in enumerate(handler.run_batch([(t, None) for t in texts])):
+        assert [s for _, s in sorted(scored, key=lambda pair: LABELS.index(pair[0]))] == pytest.approx(
+            want[row].tolist(), abs=1e-6)
+
+
+def test_int8_quantizes_the_linear_layers_on_the_cpu_and_is_refused_where_it_cannot_run(tiny_export: Path) -> None:
+    from serving.plan import PlanError, PoolRequest, make_plan
+    from serving.pools import PoolKey
+
+    handler = load_handler(tiny_export, ServeSpec(dtype="int8"))  # fails if torch drops dynamic quantization
+    import torch
+
+    kinds = {type(m) for m in handler.model.modules()}
+    assert torch.ao.nn.quantized.dynamic.Linear in kinds and torch.nn.Linear not in kinds
+    exact = load_handler(tiny_export, ServeSpec(dtype="float32"))
+    items = [(t, None) for t in ("a wonderful film", "dull and far too long", "a terrible waste of time")]
+    for want, got in zip(exact.run_batch(items), handler.run_batch(items)):
+        assert dict(got) == pytest.approx(dict(want), abs=5e-2)
+    with pytest.raises(ValueError, match=r"dtype \(int8\) with num_gpus 1: .*runs on CPUs only"):
+        ServeSpec(dtype="int8", num_gpus=1)
+    key = PoolKey(base_model="some/base", task="text-classification", num_labels=2, kind="LORA")
+    with pytest.raises(PlanError, match="serve.dtype int8 is for full models"):
+        make_plan([], pools=[PoolRequest(key, where="pools[0]")], spec=ServeSpec(dtype="int8"))
+
+
 def test_reading_the_serve_spec_does_not_import_torch_or_ray() -> None:
     code = "import sys; from serving.config import ServeSpec; print('torch' in sys.modules or 'ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
