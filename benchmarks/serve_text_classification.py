@@ -9,6 +9,7 @@ generator (`hey` if installed, else a bounded httpx client) sends the same POST 
   serve-1r / serve-2r  tunefleet's serve_exports, 1 replica (2 CPUs) / 2 replicas (1 CPU each),
                       its defaults: dtype auto (bfloat16 on a CPU with AVX512-BF16 or AMX, else int8)
   serve-1r-fp32 / -2r-fp32  the same with dtype float32: the baselines' precision
+  serve-1r-int8 / -2r-int8  the same with dtype int8 (opt-in; docs/serving.md#precision)
   pipeline            FastAPI + uvicorn calling transformers.pipeline per request (float32)
   selfbatch           FastAPI app batching requests itself (asyncio queue, 16 / 5 ms; float32)
   selfbatch-bf16      the same app with the model cast to bfloat16: serving machinery vs machinery
@@ -369,14 +370,16 @@ def main() -> None:
         extra += ["--ingress", args.ingress, "--text", args.text, "--serve-batch", str(args.serve_batch),
                   "--serve-wait-ms", str(args.serve_wait_ms), "--serve-max-ongoing", str(args.serve_max_ongoing)]
         spec = json.loads(args.serve_spec or "{}")
-        if name.endswith("-fp32"):
-            spec["dtype"] = "float32"
+        if name.endswith("-fp32") or name.endswith("-int8"):
+            spec["dtype"] = "float32" if name.endswith("-fp32") else "int8"
         extra += ["--serve-spec", json.dumps(spec)] if spec else []
         child = {
             "serve-1r": ("serve", [export, "--port", port, "--replicas", "1", *extra]),
             "serve-2r": ("serve", [export, "--port", port, "--replicas", "2", *extra]),
             "serve-1r-fp32": ("serve", [export, "--port", port, "--replicas", "1", *extra]),
             "serve-2r-fp32": ("serve", [export, "--port", port, "--replicas", "2", *extra]),
+            "serve-1r-int8": ("serve", [export, "--port", port, "--replicas", "1", *extra]),
+            "serve-2r-int8": ("serve", [export, "--port", port, "--replicas", "2", *extra]),
             "pipeline": ("pipeline", [export, "--port", port, "--text", args.text]),
             "selfbatch": ("selfbatch", [export, "--port", port, "--text", args.text]),
             "selfbatch-bf16": ("selfbatch", [export, "--port", port, "--text", args.text, "--dtype", "bfloat16"]),
@@ -390,9 +393,10 @@ def main() -> None:
         return results.get(name, {}).get("req_per_s")
 
     ratios = {}
-    for serve_name in ("serve-1r", "serve-2r", "serve-1r-fp32", "serve-2r-fp32"):
+    for serve_name in ("serve-1r", "serve-2r", "serve-1r-fp32", "serve-2r-fp32", "serve-1r-int8", "serve-2r-int8"):
         for base in ("pipeline", "selfbatch", "selfbatch-bf16", "selfbatch-int8"):
-            if base in ("selfbatch-bf16", "selfbatch-int8") and serve_name.endswith("-fp32"):
+            dtype = serve_name[len("serve-1r"):]  # "" (auto), "-fp32" or "-int8"
+            if dtype and base.startswith("selfbatch-") and base != f"selfbatch{dtype}":
                 continue  # machinery vs machinery compares like dtypes
             if rps(serve_name) and rps(base):
                 ratios[f"{serve_name}/{base}"] = round(rps(serve_name) / rps(base), 2)
