@@ -107,7 +107,7 @@ def _train_export_report(spec: Any, run: StorageDir, prepared: Any, tracker: Exp
                        # rank 0 joins the driver's MLflow run (workers on a remote cluster lack the driver's env)
                        "mlflow_tracking_uri": os.environ.get("MLFLOW_TRACKING_URI"),
                        "tracker_on_driver": tracker_on_driver})
-    trainer = TorchTrainer(
+    trainer = (OwnRayTrainer if _ray_started_here() else TorchTrainer)(
         train_worker,  # light to import: the controller passes the payload on unread (training/entry.py)
         **streamed,  # data.streaming: Ray Train hands each worker its share of the stream
         train_loop_config={"payload": payload},
@@ -198,6 +198,34 @@ def best_checkpoint(checkpoints_dir: "Path | StorageDir", metric: str, higher_is
     sign = 1 if higher_is_better else -1
     # Best metric; among equals the later step wins.
     return max(candidates, key=lambda item: (sign * item[1]["metrics"][metric], item[1]["step"]))
+
+
+class OwnRayTrainer(TorchTrainer):
+    """TorchTrainer on a Ray this process started, which stops when the command ends: without Ray Train's
+    cluster housekeeping that has nothing to do there.
+
+    Ray Train adds, to every run, a placement-group cleaner (a detached actor that removes the run's
+    placement group should the controller die; it asks Ray's state API every second whether the
+    controller lives, and that API is down without the dashboard) and Prometheus metrics callbacks in
+    the controller and each worker (exported through a metrics agent nobody scrapes on a private Ray).
+    Ray Train has no switch for the cleaner, so this filters its default callbacks (Ray 2.60's; a test
+    fails if they change). Measured on 2 cores, `tunefleet train` of the AG News benchmark job for 100
+    steps, alternated with the stock trainer in two sets (4 and 3 runs each): 1.5-2.2% more samples/s,
+    the first step 0.5-0.9 s sooner, the whole command 2.8-3.4 s shorter (docs/performance.md).
+    """
+
+    def _create_default_callbacks(self) -> list:
+        from ray.train.v2._internal.callbacks.metrics import ControllerMetricsCallback, WorkerMetricsCallback
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+        housekeeping = (PlacementGroupCleanerCallback, ControllerMetricsCallback, WorkerMetricsCallback)
+        return [c for c in super()._create_default_callbacks() if not isinstance(c, housekeeping)]
+
+
+def _ray_started_here() -> bool:
+    """This process started the Ray it is connected to (cluster.runtime's private local Ray)."""
+    node = getattr(ray._private.worker.global_worker, "node", None)
+    return bool(getattr(node, "head", False))
 
 
 def _cpus_per_worker(spec: Any, prepared: Any) -> float:
