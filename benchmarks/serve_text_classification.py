@@ -7,13 +7,13 @@ head to a temp dir. Each scenario runs in its own process, one after another, an
 generator (`hey` if installed, else a bounded httpx client) sends the same POST to it:
 
   serve-1r / serve-2r  tunefleet's serve_exports, 1 replica (2 CPUs) / 2 replicas (1 CPU each),
-                      its defaults: dtype auto (bfloat16 on a CPU with AVX512-BF16 or AMX, else int8)
+                      its defaults: dtype auto (bfloat16 on a CPU with AVX512-BF16 or AMX, else float32)
   serve-1r-fp32 / -2r-fp32  the same with dtype float32: the baselines' precision
   serve-1r-int8 / -2r-int8  the same with dtype int8 (opt-in; docs/serving.md#precision)
   pipeline            FastAPI + uvicorn calling transformers.pipeline per request (float32)
   selfbatch           FastAPI app batching requests itself (asyncio queue, 16 / 5 ms; float32)
   selfbatch-bf16      the same app with the model cast to bfloat16: serving machinery vs machinery
-  selfbatch-int8      the same app with int8 Linear layers (torch's dynamic quantization), as auto serves on other CPUs
+  selfbatch-int8      the same app with int8 Linear layers (torch's dynamic quantization), as serve-*-int8 runs
   model               the served model alone in-process (serving.load_handler): single requests/s and
                       batch-16 sequences/s, per dtype
 
@@ -370,8 +370,9 @@ def main() -> None:
         extra += ["--ingress", args.ingress, "--text", args.text, "--serve-batch", str(args.serve_batch),
                   "--serve-wait-ms", str(args.serve_wait_ms), "--serve-max-ongoing", str(args.serve_max_ongoing)]
         spec = json.loads(args.serve_spec or "{}")
-        if name.endswith("-fp32") or name.endswith("-int8"):
-            spec["dtype"] = "float32" if name.endswith("-fp32") else "int8"
+        dtype = {"-fp32": "float32", "-int8": "int8"}.get(name[len("serve-1r"):]) if name.startswith("serve-") else None
+        if dtype:
+            spec["dtype"] = dtype
         extra += ["--serve-spec", json.dumps(spec)] if spec else []
         child = {
             "serve-1r": ("serve", [export, "--port", port, "--replicas", "1", *extra]),

@@ -70,7 +70,7 @@ def quantize_linear_layers(model: torch.nn.Module) -> torch.nn.Module:
     torch.ao.quantization.quantize_dynamic is torch's own int8 path for CPU inference. torch marks
     it (and its quantized tensors) deprecated in favour of torchao, which is not part of this stack;
     the pinned torch (2.14.1) still ships and runs it, so its deprecation warnings are silenced here,
-    and tests/serving/test_placement.py fails if a torch upgrade takes it away.
+    and tests/serving/test_local.py fails if a torch upgrade takes it away.
     """
     from torch.ao.quantization import quantize_dynamic
 
@@ -83,9 +83,6 @@ def quantize_linear_layers(model: torch.nn.Module) -> torch.nn.Module:
 def place(model: torch.nn.Module, spec: ServeSpec, device: torch.device, auto_bfloat16: bool = True) -> torch.nn.Module:
     """The model on the replica's device, in its serving dtype (int8 Linear layers for dtype int8), in eval mode."""
     model = model.to(device=device, dtype=serving_dtype(spec, device, auto_bfloat16)).eval()
-    if spec.dtype == "int8":
-        if device.type != "cpu":
-            raise ValueError("serve.dtype int8 runs on CPUs only (torch's dynamic quantization); "
-                             "use bfloat16 or float16 on GPUs")
+    if spec.dtype == "int8":  # ServeSpec allows it only without GPUs, so the device is the CPU
         model = quantize_linear_layers(model)
     return model

@@ -63,15 +63,13 @@ def _predict(args) -> int:
     if on_gpu and not torch.cuda.is_available():
         print("error: --device cuda: no CUDA GPU is visible here; use --device cpu or auto", file=sys.stderr)
         return 2
-    if args.dtype == "float16" and not on_gpu:  # as ServeSpec refuses it for a replica without a GPU
-        print("error: --dtype float16: predict runs on the CPU here, which multiplies float16 hundreds of times "
-              "slower than float32; use bfloat16, float32 or auto", file=sys.stderr)
+    try:  # ServeSpec's own rules for a replica: no float16 on a CPU, no int8 on a GPU
+        spec = ServeSpec(dtype=args.dtype, num_gpus=1 if on_gpu else 0)
+    except ValueError as err:
+        problems = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in getattr(err, "errors", list)())
+        print(f"error: --dtype {args.dtype} (predict runs on the {'GPU' if on_gpu else 'CPU'} here): "
+              f"{problems or err}", file=sys.stderr)
         return 2
-    if args.dtype == "int8" and on_gpu:  # as ServeSpec refuses it for a replica with a GPU
-        print("error: --dtype int8: int8 is torch's dynamic quantization, which runs on CPUs only; "
-              "use --device cpu, or bfloat16 / float16 / auto on the GPU", file=sys.stderr)
-        return 2
-    spec = ServeSpec(dtype=args.dtype, num_gpus=1 if on_gpu else 0)
     given = {} if args.top_k is None else {"top_k": args.top_k}
     try:
         if _is_image_export(args.export_dir):  # image files → base64, as an HTTP client sends them

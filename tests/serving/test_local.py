@@ -199,6 +199,8 @@ def test_predict_cli_takes_the_dtype(tiny_export: Path, capsys) -> None:
     assert main(["predict", str(tiny_export), "a wonderful film", "--dtype", "float16"]) == 2
     error = capsys.readouterr().err
     assert "--dtype" in error and "use bfloat16, float32 or auto" in error
+    assert main(["predict", str(tiny_export), "a wonderful film", "--dtype", "int8", "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)[0][0]["label"] in LABELS  # int8 on the CPU answers
     assert main(["predict", str(tiny_export / "nope"), "text"]) == 2  # one line naming the path, no traceback
     error = capsys.readouterr().err
     assert error.startswith("error: ") and "nope" in error and "Traceback" not in error
