@@ -73,7 +73,8 @@ def check_writable(storage: StorageDir) -> None:
     except StorageError:
         raise
     except OSError as err:
-        hint = ("check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and AWS_ENDPOINT_URL"
+        hint = ("check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and AWS_ENDPOINT_URL, and that the store "
+                "accepts writes (a timeout can mean it is full or read-only)"
                 if storage.uri.startswith("s3://") else
                 "check GOOGLE_APPLICATION_CREDENTIALS" if storage.uri.startswith(("gs://", "gcs://")) else
                 "check the path and its permissions")

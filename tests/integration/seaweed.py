@@ -59,8 +59,14 @@ def seaweed_s3(data_dir: Path, timeout_s: float = 60) -> Iterator[str]:
     identities.write_text(json.dumps({"identities": [{
         "name": "tunefleet", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    # SeaweedFS marks every volume read-only below 1% free disk by default, and S3 writes then
+    # stall until the client times out (CI once had 2.1 GB free of 252 GB). The tests write a few
+    # MB, so the floor is a fixed 64 MiB instead, and a fuller disk fails here by name.
+    free = shutil.disk_usage(data_dir).free
+    if free < 256 * 2**20:
+        pytest.fail(f"only {free / 2**20:.0f} MiB free on the disk of {data_dir}; the S3 tests need 256 MiB")
     command = [weed, "server", "-s3", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data_dir}",
-               "-master.volumeSizeLimitMB=64", "-volume.max=8",
+               "-master.volumeSizeLimitMB=64", "-volume.max=8", "-volume.minFreeSpace=64MiB",
                f"-s3.config={identities}",
                *(f"-{flag}={port}" for flag, port in ports.items())]
     log = (data_dir / "weed.log").open("w")
