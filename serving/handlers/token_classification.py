@@ -21,6 +21,7 @@ from serving.config import ServeSpec
 from serving.errors import ServingError
 from serving.handlers.base import TaskHandler
 from serving.handlers.registry import register_handler
+from serving.packed import skip_padding
 from serving.placement import place, replica_device
 from serving.schemas import PredictResponse, Text
 from training.layout import ExportInfo
@@ -152,6 +153,7 @@ class TokenClassificationHandler(TaskHandler):
         device = replica_device(spec)
         tokenizer = AutoTokenizer.from_pretrained(export_dir, local_files_only=True)
         model = AutoModelForTokenClassification.from_pretrained(export_dir, local_files_only=True)
+        skip_padding(model)  # a BERT-family encoder's layers skip the batch's padding (serving/packed.py)
         return cls(info, spec, place(model, spec, device, cls.auto_bfloat16), tokenizer, device)
 
     def prepare(self, request: TokenClassificationRequest) -> list[str | list[str]]:

@@ -142,15 +142,20 @@ def test_auto_dtype_is_bfloat16_where_the_cpu_multiplies_it_and_answers_as_float
             assert got[0][0] == want[0][0]
 
 
-def test_served_classifier_computes_only_the_read_position_of_its_last_layer_with_the_full_models_scores(
-    tiny_export: Path,
+def test_served_classifier_skips_padding_and_unread_positions_with_the_full_models_scores(
+    tiny_export: Path, monkeypatch,
 ) -> None:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    import serving.packed
+
     handler = load_handler(tiny_export, ServeSpec(dtype="float32"))
     layers = handler.model.bert.encoder.layer
     assert type(layers[-1]).__name__.startswith("FirstToken") and not type(layers[0]).__name__.startswith("FirstToken")
+    packed_layers = []
+    monkeypatch.setattr(serving.packed, "_layer", lambda *a, first_only, _layer=serving.packed._layer: (
+        packed_layers.append(first_only), _layer(*a, first_only=first_only))[1])
     texts = ["a wonderful film", "dull and far too long, with a plot nobody could follow", "fine"]  # padded batch
     full = AutoModelForSequenceClassification.from_pretrained(tiny_export).eval()
     with torch.inference_mode():
@@ -159,6 +164,7 @@ def test_served_classifier_computes_only_the_read_position_of_its_last_layer_wit
     for row, scored in enumerate(handler.run_batch([(t, None) for t in texts])):
         assert [s for _, s in sorted(scored, key=lambda pair: LABELS.index(pair[0]))] == pytest.approx(
             want[row].tolist(), abs=1e-6)
+    assert packed_layers == [False] * (len(layers) - 1) + [True]  # the padded batch ran packed
 
 
 def test_int8_quantizes_the_linear_layers_on_the_cpu_and_is_refused_where_it_cannot_run(tiny_export: Path) -> None:

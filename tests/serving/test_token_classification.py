@@ -94,3 +94,28 @@ def test_predict_command_on_an_ner_export_prints_entities(tmp_path, capsys):
     assert main(["predict", str(export), "Peter met Anna"]) == 0
     entities = json.loads(capsys.readouterr().out)[0]
     assert [(e["entity"], e["word"]) for e in entities] == [("PER", "Peter"), ("PER", "met"), ("PER", "Anna")]
+
+
+def test_a_padded_batch_runs_packed_with_the_unchanged_models_tags_and_scores(tmp_path, monkeypatch):
+    import torch
+
+    import serving.packed
+
+    export = build_tagging_export(tmp_path / "b", "B-PER", max_length=64)
+    handler = load_handler(export)
+    with torch.no_grad():  # a head that reads the encoder's output, so a wrong position would show
+        torch.manual_seed(0)
+        handler.model.classifier.weight.normal_(std=2.0)
+    texts = ["Peter visited Strasbourg yesterday with friends from Lyon", "Anna", "Paris in May is crowded"]
+    runs = []
+    monkeypatch.setattr(serving.packed, "_layer", lambda *a, first_only, _layer=serving.packed._layer: (
+        runs.append(first_only), _layer(*a, first_only=first_only))[1])
+    packed = _predict(handler, texts, aggregation="none")
+    assert runs == [False, False]  # both layers ran on the real tokens only
+    encoder = handler.model.bert.encoder
+    encoder.__class__ = type(encoder).__bases__[1]  # the encoder's own class: every position computed
+    whole = _predict(handler, texts, aggregation="none")
+    assert len({w["entity"] for words in whole for w in words}) > 1
+    for got, want in zip(packed, whole):
+        assert [(w["word"], w["entity"]) for w in got] == [(w["word"], w["entity"]) for w in want]
+        assert [w["score"] for w in got] == pytest.approx([w["score"] for w in want], abs=1e-5)
