@@ -1,11 +1,24 @@
-"""What the benchmark scripts share: a free port on 127.0.0.1, and stopping a scenario's process."""
+"""What the benchmark scripts share: a free port on 127.0.0.1, stopping a scenario's process, AG News texts."""
 
 from __future__ import annotations
 
+import csv
+import itertools
 import os
 import signal
 import socket
 import subprocess
+from pathlib import Path
+
+AG_NEWS_TEST = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ag_news" / "test.csv"
+
+
+def ag_news_texts(limit: int) -> list[str]:
+    """The first LIMIT AG News test texts (title + description), in the file's order: real traffic's mixed lengths."""
+    if not AG_NEWS_TEST.exists():
+        raise SystemExit(f"{AG_NEWS_TEST} not found: run from a checkout with ../shared beside it")
+    with AG_NEWS_TEST.open(newline="", encoding="utf-8") as f:
+        return [f"{title} {description}" for _, title, description in itertools.islice(csv.reader(f), limit)]
 
 
 def free_port() -> int:

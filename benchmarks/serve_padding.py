@@ -14,7 +14,6 @@ the ratio per round and writes benchmarks/results/serve_padding.json.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import random
 import statistics
@@ -25,6 +24,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from common import ag_news_texts  # noqa: E402
+
 DATASETS = ROOT.parent / "shared" / "datasets"
 BATCH = 16
 NER_TAGS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
@@ -48,11 +50,6 @@ def minilm_export(dest: Path, task: str, labels: list[str]) -> Path:
     return dest
 
 
-def ag_news_items(count: int) -> list:
-    with (DATASETS / "ag_news" / "test.csv").open(newline="", encoding="utf-8") as f:
-        return [(f"{title} {body}", None) for _, (_, title, body) in zip(range(count), csv.reader(f))]
-
-
 def conll_items(count: int) -> list:
     sentences, words = [], []
     for line in (DATASETS / "conll2003" / "test.txt").read_text(encoding="utf-8").splitlines():
@@ -67,22 +64,22 @@ def conll_items(count: int) -> list:
 
 
 def measure(handler, items: list, rounds: int) -> dict:
-    from serving.packed import PackedEncoder
+    from serving.packed import computing_padding
 
-    encoder = next(m for m in handler.model.modules() if isinstance(m, PackedEncoder))
-    packed_class, own_class = type(encoder), type(encoder).__bases__[1]
     batches = [items[i:i + BATCH] for i in range(0, len(items) - BATCH + 1, BATCH)]
 
-    def rate(cls) -> float:
-        encoder.__class__ = cls
+    def rate() -> float:
         start = time.perf_counter()
         for batch in batches:
             handler.run_batch(batch)
         return len(batches) * BATCH / (time.perf_counter() - start)
 
-    rate(packed_class), rate(own_class)  # warm-up
-    runs = [(rate(packed_class), rate(own_class)) for _ in range(rounds)]
-    encoder.__class__ = packed_class
+    def padded() -> float:
+        with computing_padding(handler.model):
+            return rate()
+
+    rate(), padded()  # warm-up
+    runs = [(rate(), padded()) for _ in range(rounds)]
     lengths = [len(ids) for ids in handler.tokenizer(
         [i[0] if isinstance(i, tuple) else i for i in items], is_split_into_words=not isinstance(items[0], tuple),
         truncation=True, max_length=128)["input_ids"]]
@@ -105,7 +102,7 @@ def main() -> None:
     from serving import ServeSpec, load_handler
 
     count = args.batches * BATCH
-    tasks = {"text-classification": (["negative", "positive"], ag_news_items(count)),
+    tasks = {"text-classification": (["negative", "positive"], [(t, None) for t in ag_news_texts(count)]),
              "token-classification": (NER_TAGS, conll_items(count))}
     results = {}
     for task, (labels, items) in tasks.items():

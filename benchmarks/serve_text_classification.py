@@ -43,7 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import free_port, stop_scenario  # noqa: E402
+from common import ag_news_texts, free_port, stop_scenario  # noqa: E402
 
 TEXTS = {
     # An AG News item: ~50 tokens, the data set's mean length.
@@ -54,17 +54,6 @@ TEXTS = {
 }
 TEXT = TEXTS["news"]  # set from --text in main()
 REQUEST_TEXTS = [TEXT]  # what the requests carry, in turn; set from --text in main()
-AG_NEWS_TEST = ROOT.parent / "shared/datasets/ag_news/test.csv"
-
-
-def mixed_texts(limit: int = 2000) -> list[str]:
-    """AG News test texts (title + description), in the file's order: real traffic's mixed lengths."""
-    import csv
-
-    if not AG_NEWS_TEST.exists():
-        raise SystemExit(f"--text mixed reads {AG_NEWS_TEST}, which is missing; use --text news or short")
-    with AG_NEWS_TEST.open(newline="", encoding="utf-8") as f:
-        return [f"{title} {description}" for _, title, description in itertools.islice(csv.reader(f), limit)]
 BATCH, WAIT_MS = 16, 5
 
 
@@ -201,7 +190,7 @@ def child_model(export: str, requests: int) -> None:
 
 def _model_rates(export: str, requests: int, dtype: str) -> dict[str, float]:
     from serving import ServeSpec, load_handler
-    from serving.packed import PackedEncoder
+    from serving.packed import computing_padding
 
     handler = load_handler(export, ServeSpec(num_cpus=2, dtype=dtype))  # the whole machine: 2 torch threads
     items = [(text, None) for text in itertools.islice(itertools.cycle(REQUEST_TEXTS), requests)]
@@ -216,11 +205,9 @@ def _model_rates(export: str, requests: int, dtype: str) -> dict[str, float]:
     rate(batches[:5])  # warm-up
     rates = {f"single_req_per_s_{dtype}": rate([[item] for item in items[:200]]),
              f"batch16_seq_per_s_{dtype}": rate(batches)}
-    encoder = next((m for m in handler.model.modules() if isinstance(m, PackedEncoder)), None)
-    if len(REQUEST_TEXTS) > 1 and encoder is not None:  # the A/B: the encoder's own class computes the padding too
-        packed_class, encoder.__class__ = encoder.__class__, encoder.__class__.__bases__[1]
-        rates[f"batch16_seq_per_s_{dtype}_padded"] = rate(batches)
-        encoder.__class__ = packed_class
+    if len(REQUEST_TEXTS) > 1:  # the A/B: the encoder's own forward computes the padding too
+        with computing_padding(handler.model):
+            rates[f"batch16_seq_per_s_{dtype}_padded"] = rate(batches)
     return rates
 
 
@@ -374,7 +361,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     args = parser.parse_args()
     global TEXT, REQUEST_TEXTS
-    REQUEST_TEXTS = mixed_texts(max(args.requests, 200)) if args.text == "mixed" else [TEXTS[args.text]]
+    REQUEST_TEXTS = ag_news_texts(max(args.requests, 200)) if args.text == "mixed" else [TEXTS[args.text]]
     TEXT = REQUEST_TEXTS[0]
 
     if args.child == "serve":

@@ -24,8 +24,9 @@ output_hidden_states) runs the encoder's own forward.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -129,3 +130,16 @@ def skip_padding(model: nn.Module) -> dict[str, Any] | None:
     if not isinstance(encoder, PackedEncoder):
         encoder.__class__ = type(f"Packed{type(encoder).__name__}", (PackedEncoder, type(encoder)), {})
     return {"model_type": config.model_type, "layers": len(layers)}
+
+
+@contextmanager
+def computing_padding(model: nn.Module) -> Iterator[None]:
+    """Inside: MODEL's packed encoders run their own forward, padding computed (for A/B comparisons)."""
+    encoders = [(m, type(m)) for m in model.modules() if isinstance(m, PackedEncoder)]
+    for encoder, packed in encoders:
+        encoder.__class__ = packed.__bases__[1]  # (PackedEncoder, the encoder's own class)
+    try:
+        yield
+    finally:
+        for encoder, packed in encoders:
+            encoder.__class__ = packed
