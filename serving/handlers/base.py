@@ -70,6 +70,14 @@ class TaskHandler(ABC):
         return [self.format(output, request) for output in outputs]
 
 
+def input_window(info: ExportInfo, tokenizer, model) -> int:
+    """Tokens one sequence may have: the export's max_length, else the tokenizer's, capped at the model's positions."""
+    limits = [info.max_length, getattr(model.config, "max_position_embeddings", None)]
+    if (tokenizer.model_max_length or 0) < 1_000_000:  # transformers' "no limit" is a huge int
+        limits.append(tokenizer.model_max_length)
+    return min(n for n in limits if n) if any(limits) else 512
+
+
 def parse_request(handler: TaskHandler | type[TaskHandler], payload: Any) -> Any:
     """A JSON-like payload → the handler's request model, or a 422 ServingError saying what is wrong."""
     try:

@@ -19,7 +19,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from serving.config import ServeSpec
 from serving.errors import ServingError
-from serving.handlers.base import TaskHandler
+from serving.handlers.base import TaskHandler, input_window
 from serving.handlers.registry import register_handler
 from serving.packed import skip_padding
 from serving.placement import place, replica_device
@@ -32,14 +32,6 @@ Item = tuple[str, "str | None"]
 Scored = list[tuple[str, float]]
 
 
-def _max_length(info: ExportInfo, tokenizer, model) -> int:
-    """The export's max_length, else the tokenizer's, capped at the model's positions."""
-    limits = [info.max_length, getattr(model.config, "max_position_embeddings", None)]
-    if (tokenizer.model_max_length or 0) < 1_000_000:  # transformers' "no limit" is a huge int
-        limits.append(tokenizer.model_max_length)
-    return min(n for n in limits if n) if any(limits) else 512
-
-
 @register_handler("text-classification")
 class TextClassificationHandler(TaskHandler):
     request_model = TextClassificationRequest
@@ -50,7 +42,7 @@ class TextClassificationHandler(TaskHandler):
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
-        self.max_length = _max_length(info, tokenizer, model)
+        self.max_length = input_window(info, tokenizer, model)
         id2label = model.config.id2label
         num_labels = model.config.num_labels
         self.labels = (

@@ -19,7 +19,7 @@ from transformers import AutoModelForTokenClassification, AutoTokenizer
 
 from serving.config import ServeSpec
 from serving.errors import ServingError
-from serving.handlers.base import TaskHandler
+from serving.handlers.base import TaskHandler, input_window
 from serving.handlers.registry import register_handler
 from serving.packed import skip_padding
 from serving.placement import place, replica_device
@@ -129,13 +129,6 @@ def group_entities(text: str, words: list[tuple[str, float, int, int]], pre_spli
     return entities
 
 
-def _window(info: ExportInfo, tokenizer, model) -> int:
-    limits = [info.max_length, getattr(model.config, "max_position_embeddings", None)]
-    if (tokenizer.model_max_length or 0) < 1_000_000:  # transformers' "no limit" is a huge int
-        limits.append(tokenizer.model_max_length)
-    return min(n for n in limits if n) if any(limits) else 512
-
-
 @register_handler("token-classification")
 class TokenClassificationHandler(TaskHandler):
     request_model = TokenClassificationRequest
@@ -144,7 +137,7 @@ class TokenClassificationHandler(TaskHandler):
     def __init__(self, info: ExportInfo, spec: ServeSpec, model, tokenizer, device: torch.device) -> None:
         super().__init__(info, spec)
         self.model, self.tokenizer, self.device = model, tokenizer, device
-        self.max_length = _window(info, tokenizer, model)
+        self.max_length = input_window(info, tokenizer, model)
         self.stride = max(1, min(64, self.max_length // 4))
         self.labels = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
 
