@@ -7,17 +7,46 @@ config, safetensors weights (never pickles), tokenizer or image processor.
 from __future__ import annotations
 
 import math
+import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+import torch
 from safetensors import safe_open
+from transformers.utils import logging as hf_logging
 
 from training.checkpoint import load_model_weights, read_manifest
 from training.layout import ExportInfo, write_export_info
 from training.methods import METHODS, count_parameters
 from training.model_builder import build_training_model
 from training.tasks import TASKS
+
+
+@contextmanager
+def _rebuilding_quietly() -> Iterator[None]:
+    """The base model reloaded under the trained weights, without transformers' load report.
+
+    Rebuilding from the base is how the checkpoint's trainable state finds its place, so the
+    report's "classifier MISSING ... Consider training on your downstream task" (said once
+    already, by the worker that trained it) would tell the user something false here. Errors
+    still show: only warnings and the loading bar are held back. Where torch sees no GPU,
+    DeepSpeed's accelerator is named for the same reason: `save_pretrained` imports DeepSpeed
+    (accelerate's unwrap checks for its engine), which otherwise warns that it "was unable to
+    detect" a GPU.
+    """
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def export_checkpoint(checkpoint_dir: Path, spec: Any, export_dir: Path, source_run: str | None = None,
@@ -34,7 +63,8 @@ def export_checkpoint(checkpoint_dir: Path, spec: Any, export_dir: Path, source_
     labels = manifest["labels"]
     task = TASKS.get(spec.task)
     method = METHODS.get(spec.method.name)
-    model = build_training_model(spec, labels)
+    with _rebuilding_quietly():
+        model = build_training_model(spec, labels)
     load_model_weights(checkpoint_dir, model)
     trainable, total = count_parameters(model)
     adapter = method.export_kind == "adapter"

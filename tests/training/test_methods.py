@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, get_scheduler
 
 from cluster.spec import JobSpecError, validate_job
@@ -215,3 +216,33 @@ def test_causal_lm_loss_matches_the_models_own(method, tiny_causal_lm, tmp_path)
         ours = task.build_loss(None, 0.0, "cpu")(model(**batch).logits, labels)
         theirs = model(**batch, labels=labels).loss
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_export_does_not_repeat_the_base_models_load_report(tiny64, tmp_path):
+    """The export rebuilds the base under the trained weights: the base's missing head is not news then."""
+    import logging
+
+    from transformers import BertModel
+
+    model_dir, data, _ = tiny64
+    headless = tmp_path / "headless"
+    BertModel(BertConfig.from_pretrained(model_dir)).save_pretrained(headless)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(headless)
+    spec = _spec(headless, data, tmp_path, {"name": "full"})
+    said: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("transformers").addHandler(handler)  # transformers' loggers do not propagate to root
+    try:
+        model = build_training_model(spec, LABELS)
+        assert any("LOAD REPORT" in line and "MISSING" in line for line in said), said  # as the worker says it
+        optimizer = torch.optim.AdamW(model.parameters())
+        save_shard(tmp_path / "ckpt", 0, 1, model, optimizer, get_scheduler("constant", optimizer),
+                   TrainState(step=1), {"accuracy": 1.0}, extra={"labels": LABELS})
+        said.clear()
+        export = export_checkpoint(tmp_path / "ckpt", spec, tmp_path / "export")
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert not [line for line in said if "LOAD REPORT" in line], said
+    torch.testing.assert_close(load_file(export / "model.safetensors")["classifier.weight"],
+                               model.classifier.weight.detach())
