@@ -25,8 +25,10 @@ import socket
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 from ray import serve
@@ -171,6 +173,25 @@ def plan_exports(
     return make_plan(requests, settings)
 
 
+# What `serve.run_many` logs on finding the Serve that `serve.start` just started with this call's own
+# options: read as "your host/port were ignored", which they were not. (If Serve already ran,
+# `serve.start` says the same, truly, and that message stays.)
+SERVE_RECONNECT_NOTICE = "Connecting to existing Serve app"
+
+
+@contextmanager
+def _unsaid(prefix: str) -> Iterator[None]:
+    """Drop Serve's log records that start with `prefix` while the block runs."""
+    serve_logger = logging.getLogger("ray.serve")
+    drop = logging.Filter()
+    drop.filter = lambda record: not record.getMessage().startswith(prefix)
+    serve_logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        serve_logger.removeFilter(drop)
+
+
 def start_server(
     export_dirs: list[str | Path] | None = None,
     names: list[str] | None = None,
@@ -215,7 +236,8 @@ def start_server(
     targets += [serve.RunTarget(build_model_app(m, s, env), name=m.name, route_prefix=m.route_prefix)
                 for m, s in plan.models]
     targets += [serve.RunTarget(build_adapter_pool_app(p, env), name=p.app_name, route_prefix=None) for p in plan.pools]
-    serve.run_many(targets)
+    with _unsaid(SERVE_RECONNECT_NOTICE):
+        serve.run_many(targets)
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}"
     _wait_until_answering(url, models, ready_timeout_s)
     if page_writer is not None:

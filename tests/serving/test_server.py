@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 from pathlib import Path
@@ -23,14 +24,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+SERVE_SAID: list[str] = []  # what Serve's logger said in this process while the server started
+
+
 @pytest.fixture(scope="module")
 def server(local_ray, tiny_export: Path, minilm_export: Path) -> Iterator:
     from serving import ServeSpec, start_server
 
     settings = ServeSpec(min_replicas=1, max_replicas=1, num_cpus=1, max_inputs_per_request=8,
                          max_input_chars=2000, graceful_shutdown_timeout_s=30)
-    # Two model apps behind one port; MiniLM is slow enough on a CPU to keep requests in flight.
-    running = start_server([tiny_export, minilm_export], port=_free_port(), settings=settings)
+    listener = logging.Handler()
+    listener.emit = lambda record: SERVE_SAID.append(record.getMessage())
+    logging.getLogger("ray.serve").addHandler(listener)
+    try:
+        # Two model apps behind one port; MiniLM is slow enough on a CPU to keep requests in flight.
+        running = start_server([tiny_export, minilm_export], port=_free_port(), settings=settings)
+    finally:
+        logging.getLogger("ray.serve").removeHandler(listener)
     try:
         yield running
     finally:
@@ -50,6 +60,12 @@ def _check_predictions(predictions: list, n_inputs: int, k: int) -> None:
         assert {p["label"] for p in ranked} <= LABELS
         scores = [p["score"] for p in ranked]
         assert scores == sorted(scores, reverse=True) and 0 <= sum(scores) <= 1 + 1e-6
+
+
+def test_start_does_not_say_its_own_options_were_ignored(server) -> None:
+    """Serve started with this call's host and port: nothing should tell the user they "will not be applied"."""
+    assert any("Started Serve" in line for line in SERVE_SAID), SERVE_SAID  # the listener heard Serve
+    assert not [line for line in SERVE_SAID if "will not be applied" in line], SERVE_SAID
 
 
 def test_health_and_model_list(client: httpx.Client) -> None:
