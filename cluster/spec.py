@@ -350,7 +350,9 @@ def validate_job(
     problems.extend(_cross_field_problems(partial))
     missing = [Problem(path=k, message=m, value=v) for k, m, v in path_problems(partial, base)]
     problems.extend(missing)
-    if check_data and not missing and partial.data is not None and partial.task in TASKS:
+    # A missing model or output path does not stop the data checks: only a data path that is wrong does.
+    data_paths_ok = not any(p.path == "data" or p.path.startswith("data.") for p in missing)
+    if check_data and data_paths_ok and partial.data is not None and partial.task in TASKS:
         resolved = resolve_paths(spec, base) if spec is not None else partial
         problems.extend(Problem(path=p, message=m, value=v) for p, m, v in TASKS.get(partial.task).check_data(resolved))
     if problems:

@@ -210,6 +210,27 @@ def test_missing_column_lists_the_columns_that_exist(workdir):
     validate_job(job, check_data=False)
 
 
+def test_a_missing_model_does_not_hide_a_missing_column(workdir):
+    job = good_job() | {"model": "./no-model"}
+    job["data"]["columns"] = {"text": "sentense", "label": "label"}
+    assert set(problems_of(job)) == {"model", "data.columns.text"}
+
+
+def test_named_columns_on_a_headerless_csv_suggest_indices(workdir):
+    """AG News has no header row: its first row read as names is data, and the hint says how to index."""
+    (workdir / "news.csv").write_text('"3","Wall St. Bears Claw Back Into the Black (Reuters)","Reuters - Short-sellers, '
+                                      'Wall Street\'s dwindling band of ultra-cynics, are seeing green again."\n'
+                                      '"4","A title","A description"\n')
+    job = good_job()
+    job["data"] = {"train": "news.csv", "columns": {"text": "text", "label": "label"}}
+    message = message_of(job)
+    assert "news.csv has no column 'text'" in message and "0-based indices (0 to 2)" in message
+    assert "Wall St. Bears Claw Back Into the Black…" in message  # long names cut short
+    # A real header gets no such advice.
+    job["data"] = {"train": "train.tsv", "columns": {"text": "sentense"}}
+    assert "0-based" not in message_of(job)
+
+
 def test_every_problem_in_one_error(workdir):
     job = good_job() | {"task": "text-clasification", "extra": True}
     del job["name"]

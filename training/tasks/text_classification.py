@@ -36,6 +36,18 @@ def _sources(spec: Any) -> tuple[Source, Source | None]:
     return train, validation
 
 
+def _column_hint(source: Source, available: list[str]) -> str:
+    """What a column reference may be in this source. A CSV/TSV whose header "names" look like data
+    (a number, or a sentence: AG News has no header row) also gets the headerless way, indices."""
+    if source.format in ("csv", "tsv") and not source.header:
+        return f"a 0-based index (0 to {len(available) - 1})"
+    shown = ", ".join(name if len(name) <= 40 else name[:39] + "…" for name in available)
+    if source.format in ("csv", "tsv") and any(name.strip().isdigit() or len(name) > 40 for name in available):
+        return (f"one of {shown}; or, as this first row looks like data, not a header, 0-based indices "
+                f"(0 to {len(available) - 1}), e.g. columns: {{text: 1, label: 0}}")
+    return "one of " + shown
+
+
 def check_columns(spec: Any) -> list[tuple[str, str, Any]]:
     """Every named column exists in every source: read from headers only, before any work."""
     problems = []
@@ -52,9 +64,8 @@ def check_columns(spec: Any) -> list[tuple[str, str, Any]]:
             continue
         for key, ref in spec.data.columns.refs():
             if str(ref) not in available:
-                headerless = not source.header and source.format in ("csv", "tsv")
-                hint = "a 0-based index" if headerless else "one of " + ", ".join(available)
-                problems.append((f"data.columns.{key}", f"{source.location} has no column {ref!r}; use {hint}", ref))
+                problems.append((f"data.columns.{key}",
+                                 f"{source.location} has no column {ref!r}; use {_column_hint(source, available)}", ref))
     return problems
 
 
