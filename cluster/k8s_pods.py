@@ -78,7 +78,7 @@ def ray_pod(role: str, image: str, component: str, shape: NodeShape, storage: St
         "imagePullPolicy": "IfNotPresent",
         "ports": ports,
         "resources": {"requests": dict(resources), "limits": dict(resources)},
-        "env": [{"name": "TUNEFLEET_NO_PROGRESS", "value": "1"}],
+        "env": [{"name": "TUNEFLEET_PROGRESS", "value": "lines"}],  # a line per logged step in pod logs
         "envFrom": [{"secretRef": {"name": name, "optional": True}} for name in OPTIONAL_SECRETS],
         "securityContext": container_security(),
         "readinessProbe": _http_probe("/-/healthz" if serve_probe else probe_path,

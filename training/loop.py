@@ -179,7 +179,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # ---- train -------------------------------------------------------------
     follow_schedule()
-    progress = _progress(rank, total_steps, state.step, spec.name)
+    progress = _progress(rank, total_steps, state.step, spec.name, config.get("progress", "bar"))
     model.train()
     stop = state.step >= total_steps
     window_loss, window_samples, window_start = 0.0, 0, time.perf_counter()
@@ -440,15 +440,40 @@ class _MetricsLog:
             shutil.rmtree(self.staging, ignore_errors=True)
 
 
-def _progress(rank: int, total: int, initial: int, name: str):
-    """A Ray-aware progress bar on rank 0 (tqdm_ray keeps bars intact across workers)."""
-    if rank != 0 or os.environ.get("TUNEFLEET_NO_PROGRESS"):
+def _progress(rank: int, total: int, initial: int, name: str, style: str = "bar"):
+    """Rank 0's steps as the driver chose (training.run.progress_style): a Ray-aware bar (tqdm_ray keeps
+    bars intact across workers), a line at each logged step, or nothing."""
+    if rank != 0 or style == "off" or os.environ.get("TUNEFLEET_NO_PROGRESS"):
         return _NoProgress()
+    if style == "lines":
+        return _LineProgress(total, initial, name)
     from ray.experimental.tqdm_ray import tqdm
 
     bar = tqdm(total=total, desc=name, unit="step")
     bar.update(initial)
     return bar
+
+
+class _LineProgress:
+    """`name: step 10/63 (16%), loss 0.6896, 1.4 steps/s`, once per logged step: for logs, not terminals."""
+
+    def __init__(self, total: int, initial: int, name: str) -> None:
+        self.total, self.step, self.name = total, initial, name
+        self.since, self.since_step = time.perf_counter(), initial
+
+    def update(self, n: int = 1) -> None:
+        self.step += n
+
+    def set_description(self, text: str) -> None:
+        now = time.perf_counter()
+        rate = (self.step - self.since_step) / max(now - self.since, 1e-9)
+        detail = text[len(self.name):].strip() if text.startswith(self.name) else text
+        print(f"{self.name}: step {self.step}/{self.total} ({100 * self.step // max(self.total, 1)}%)"
+              f"{', ' + detail if detail else ''}, {rate:.2f} steps/s", flush=True)
+        self.since, self.since_step = now, self.step
+
+    def close(self) -> None:
+        pass
 
 
 class _NoProgress:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -95,6 +96,19 @@ def run_training(spec: Any, run_id: str, storage: StorageDir | None = None, star
     return result
 
 
+def progress_style() -> str:
+    """How rank 0 shows its steps: TUNEFLEET_PROGRESS (bar | lines | off) if set, off with
+    TUNEFLEET_NO_PROGRESS; else a bar where this command writes to a terminal, and a plain line each
+    `train.log_every_steps` where it writes to a file or a pipe (CI, `nohup`, a Ray job's log), where
+    a bar's redraws would be stored as hundreds of half-lines."""
+    chosen = os.environ.get("TUNEFLEET_PROGRESS", "").strip().lower()
+    if chosen in ("bar", "lines", "off"):
+        return chosen
+    if os.environ.get("TUNEFLEET_NO_PROGRESS"):
+        return "off"
+    return "bar" if sys.stdout.isatty() else "lines"
+
+
 def _train_export_report(spec: Any, run: StorageDir, prepared: Any, tracker: ExperimentTracker) -> RunResult:
     use_gpu = _use_gpu(spec.scale.use_gpu, spec.scale.workers)
     # The driver logs rank 0's metrics to the tracker where it can read them as they are written.
@@ -106,7 +120,11 @@ def _train_export_report(spec: Any, run: StorageDir, prepared: Any, tracker: Exp
     payload = ray.put({"spec": spec, "data": prepared.without_stream(), "storage": run, "cpus_per_worker": cpus,
                        # rank 0 joins the driver's MLflow run (workers on a remote cluster lack the driver's env)
                        "mlflow_tracking_uri": os.environ.get("MLFLOW_TRACKING_URI"),
-                       "tracker_on_driver": tracker_on_driver})
+                       "tracker_on_driver": tracker_on_driver, "progress": progress_style()})
+    # Ray Train V2 sends a worker's print() both to the worker's stdout and, as a log record, to the
+    # driver, because Ray 2.60 wraps the worker's stdout (ray._private.utils.Unbuffered) and its patched
+    # print then tees: every line would show twice. Ray Train passes this variable on to its workers.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     trainer = (OwnRayTrainer if _ray_started_here() else TorchTrainer)(
         train_worker,  # light to import: the controller passes the payload on unread (training/entry.py)
         **streamed,  # data.streaming: Ray Train hands each worker its share of the stream

@@ -59,10 +59,14 @@ def _sse(response: httpx.Response) -> list:
 
 def test_train_export_pipeline_serve_openai(tmp_path, tiny_causal_lm):
     job = _job(tmp_path, tiny_causal_lm)
-    env = {**os.environ, "TUNEFLEET_NO_PROGRESS": "1"}
+    env = {key: value for key, value in os.environ.items() if not key.startswith("TUNEFLEET_")}
     done = subprocess.run([sys.executable, "-m", "cluster.cli", "train", str(job), "--run-id", "r1"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # Not a terminal: a plain line per logged step instead of a bar, each once on the driver.
+    said = (done.stdout + done.stderr).splitlines()
+    for step in (1, 10, 20, STEPS):
+        assert len([line for line in said if f"tiny-lm: step {step}/{STEPS} " in line]) == 1, said[-40:]
     run_dir = tmp_path / "runs" / "tiny-lm" / "r1"
 
     # Perplexity fell from near the vocabulary size (an untrained model) to a few tokens' worth.
