@@ -443,7 +443,7 @@ class _MetricsLog:
 def _progress(rank: int, total: int, initial: int, name: str, style: str = "bar"):
     """Rank 0's steps as the driver chose (training.run.progress_style): a Ray-aware bar (tqdm_ray keeps
     bars intact across workers), a line at each logged step, or nothing."""
-    if rank != 0 or style == "off" or os.environ.get("TUNEFLEET_NO_PROGRESS"):
+    if rank != 0 or style == "off":
         return _NoProgress()
     if style == "lines":
         return _LineProgress(total, initial, name)
