@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from serving.config import ServeSpec
-from serving.handlers import load_handler, parse_request
+from serving.handlers import HANDLERS, load_handler, parse_request
+from training.layout import read_export_info, resolve_export_dir
 
 
 _DEFAULT: Any = object()  # top_k not given: the task's own default (token classification has no top_k)
@@ -26,7 +27,9 @@ def predict_local(
     keeps the task's default (1 for classification; tasks without labels to rank take none).
     Bad input raises `ServingError` (its `.status` and message match the HTTP answer).
     """
-    handler = load_handler(export_dir, spec)
+    export = resolve_export_dir(export_dir)
     given = {} if top_k is _DEFAULT else {"top_k": top_k}
-    request = parse_request(handler, {"inputs": inputs, "parameters": {**given, **(parameters or {})}})
-    return handler.predict(request)
+    # Bad input is refused before the model loads (seconds for a large one), as the HTTP route does.
+    request = parse_request(HANDLERS.get(read_export_info(export).task),
+                            {"inputs": inputs, "parameters": {**given, **(parameters or {})}})
+    return load_handler(export, spec).predict(request)

@@ -75,6 +75,16 @@ def test_bad_inputs_raise_the_http_status_they_would_answer(tiny_export, inputs,
     assert message in caught.value.error
 
 
+def test_malformed_input_is_refused_before_the_model_loads(tiny_export: Path, monkeypatch) -> None:
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded for a request that cannot be answered")
+
+    monkeypatch.setattr("serving.local.load_handler", no_loading)
+    with pytest.raises(ServingError) as caught:
+        predict_local(tiny_export, [1])
+    assert caught.value.status == 422
+
+
 def test_too_many_inputs_is_413(tiny_export: Path) -> None:
     with pytest.raises(ServingError) as caught:
         predict_local(tiny_export, ["a", "b", "c"], spec=ServeSpec(max_inputs_per_request=2))
