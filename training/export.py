@@ -31,13 +31,8 @@ def _rebuilding_quietly() -> Iterator[None]:
     Rebuilding from the base is how the checkpoint's trainable state finds its place, so the
     report's "classifier MISSING ... Consider training on your downstream task" (said once
     already, by the worker that trained it) would tell the user something false here. Errors
-    still show: only warnings and the loading bar are held back. Where torch sees no GPU,
-    DeepSpeed's accelerator is named for the same reason: `save_pretrained` imports DeepSpeed
-    (accelerate's unwrap checks for its engine), which otherwise warns that it "was unable to
-    detect" a GPU.
+    still show: only warnings and the loading bar are held back.
     """
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -63,6 +58,10 @@ def export_checkpoint(checkpoint_dir: Path, spec: Any, export_dir: Path, source_
     labels = manifest["labels"]
     task = TASKS.get(spec.task)
     method = METHODS.get(spec.method.name)
+    if not torch.cuda.is_available():
+        # save_pretrained imports DeepSpeed (accelerate's unwrap checks for its engine), which warns that it
+        # "was unable to detect" a GPU unless told which accelerator this process has.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     with _rebuilding_quietly():
         model = build_training_model(spec, labels)
     load_model_weights(checkpoint_dir, model)
