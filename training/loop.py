@@ -36,6 +36,7 @@ from training.cpu_dropout import use_cpu_dropout
 from training.feature_cache import cached_features
 from training.model_builder import build_training_model
 from training.optim import build_optimizer, lr_schedule, parameter_groups
+from training.progress import progress, quiet_ray_report_lines
 from training.storage import StorageDir, write_whole
 from training.streaming import stream_epoch
 from training.tasks import TASKS, selection_metric
@@ -159,6 +160,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         scalar = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         reported = {**scalar, "step": state.step, "epoch": state.epoch}
         log.write({"event": "eval", **reported})
+        shown.evaluated(scalar, metric_name, improved)
         log.flush()
         with tempfile.TemporaryDirectory(prefix="tunefleet-ckpt-") as directory:
             details = {k: v for k, v in metrics.items() if k not in scalar}
@@ -179,7 +181,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # ---- train -------------------------------------------------------------
     follow_schedule()
-    progress = _progress(rank, total_steps, state.step, spec.name, config.get("progress", "bar"))
+    quiet_ray_report_lines()
+    shown = progress(rank, total_steps, state.step, spec.name, config.get("progress", "bar"))
     model.train()
     stop = state.step >= total_steps
     window_loss, window_samples, window_start = 0.0, 0, time.perf_counter()
@@ -216,13 +219,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 optimizer.zero_grad(set_to_none=True)
             state.step += 1
             follow_schedule()
-            progress.update(1)
+            shown.advance()
             if state.step % t.log_every_steps == 0 or state.step == 1:
                 elapsed = time.perf_counter() - window_start
                 mean_loss, samples = _mean_across_ranks(window_loss, window_samples, world)
                 log.write({"event": "train", "step": state.step, "epoch": state.epoch, "loss": mean_loss,
                            "learning_rate": scheduler.get_last_lr()[0], "samples_per_second": samples / max(elapsed, 1e-9)})
-                progress.set_description(f"{spec.name} loss {mean_loss:.4f}")
+                shown.logged(mean_loss)
                 window_loss, window_samples, window_start = 0.0, 0, time.perf_counter()
             log.open_tracker()  # after the first step (see above); once
             if t.eval_every_steps and state.step % t.eval_every_steps == 0:
@@ -244,7 +247,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             stop = evaluate_and_checkpoint() or stop
     if last_eval_step != state.step:
         evaluate_and_checkpoint()
-    progress.close()
+    shown.close()
     if rank == 0:
         log.write({"event": "end", "step": state.step})
     log.close()
@@ -438,50 +441,3 @@ class _MetricsLog:
             tracker.close()  # the driver ends the MLflow run after export and report
         if self.enabled and self.storage.local_path is None:
             shutil.rmtree(self.staging, ignore_errors=True)
-
-
-def _progress(rank: int, total: int, initial: int, name: str, style: str = "bar"):
-    """Rank 0's steps as the driver chose (training.run.progress_style): a Ray-aware bar (tqdm_ray keeps
-    bars intact across workers), a line at each logged step, or nothing."""
-    if rank != 0 or style == "off":
-        return _NoProgress()
-    if style == "lines":
-        return _LineProgress(total, initial, name)
-    from ray.experimental.tqdm_ray import tqdm
-
-    bar = tqdm(total=total, desc=name, unit="step")
-    bar.update(initial)
-    return bar
-
-
-class _LineProgress:
-    """`name: step 10/63 (16%), loss 0.6896, 1.4 steps/s`, once per logged step: for logs, not terminals."""
-
-    def __init__(self, total: int, initial: int, name: str) -> None:
-        self.total, self.step, self.name = total, initial, name
-        self.since, self.since_step = time.perf_counter(), initial
-
-    def update(self, n: int = 1) -> None:
-        self.step += n
-
-    def set_description(self, text: str) -> None:
-        now = time.perf_counter()
-        rate = (self.step - self.since_step) / max(now - self.since, 1e-9)
-        detail = text[len(self.name):].strip() if text.startswith(self.name) else text
-        print(f"{self.name}: step {self.step}/{self.total} ({100 * self.step // max(self.total, 1)}%)"
-              f"{', ' + detail if detail else ''}, {rate:.2f} steps/s", flush=True)
-        self.since, self.since_step = now, self.step
-
-    def close(self) -> None:
-        pass
-
-
-class _NoProgress:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_description(self, text: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass

@@ -67,6 +67,12 @@ def test_train_export_pipeline_serve_openai(tmp_path, tiny_causal_lm):
     said = (done.stdout + done.stderr).splitlines()
     for step in (1, 10, 20, STEPS):
         assert len([line for line in said if f"tiny-lm: step {step}/{STEPS} " in line]) == 1, said[-40:]
+    # Each evaluation once, selection metric first; Ray Train's own per-report lines (a TrainingReport repr
+    # per rank) left to its log files.
+    evaluated = [line.split(") ", 1)[-1] for line in said if "tiny-lm: evaluation at step" in line]
+    assert [line.split(":")[1] for line in evaluated] == [f" evaluation at step {s}/{STEPS}" for s in (20, 40, 60)]
+    assert all(line.split(": ")[2].startswith("perplexity ") for line in evaluated), evaluated
+    assert not [line for line in said if "Reporting training result" in line or "Checkpoint successfully" in line]
     run_dir = tmp_path / "runs" / "tiny-lm" / "r1"
 
     # Perplexity fell from near the vocabulary size (an untrained model) to a few tokens' worth.

@@ -1,12 +1,13 @@
-"""Rank 0's progress: a bar on a terminal, a plain line per logged step in a log, nothing when asked."""
+"""Rank 0's progress: a bar on a terminal, a plain line per logged step and evaluation in a log, nothing when asked."""
 
 from __future__ import annotations
 
 import io
+import logging
 
 import pytest
 
-from training.loop import _progress
+from training.progress import RAY_REPORT_LINES, progress, quiet_ray_report_lines
 from training.run import progress_style
 
 
@@ -38,17 +39,54 @@ def test_style_follows_the_terminal_unless_told(monkeypatch, tty, env, expected)
 
 def test_lines_say_the_step_the_loss_and_the_rate(monkeypatch, capsys):
     monkeypatch.setenv("TUNEFLEET_NO_PROGRESS", "1")  # the worker follows the driver's choice, not its own env
-    progress = _progress(0, 63, 20, "sst2", "lines")  # resumed at step 20
+    shown = progress(0, 63, 20, "sst2", "lines")  # resumed at step 20
     for _ in range(10):
-        progress.update(1)
-    progress.set_description("sst2 loss 0.6896")
-    progress.close()
+        shown.advance()
+    shown.logged(0.6896)
+    shown.close()
     (line,) = capsys.readouterr().out.splitlines()
     assert line.startswith("sst2: step 30/63 (47%), loss 0.6896, ") and line.endswith(" steps/s")
 
 
+def test_lines_say_each_evaluation_selection_metric_first(capsys):
+    shown = progress(0, 96, 0, "bees", "lines")
+    shown.advance(16)
+    shown.evaluated({"eval_loss": 0.32872, "accuracy": 0.90196, "macro_f1": 0.90113}, "accuracy", best=True)
+    shown.advance(16)
+    shown.evaluated({"eval_loss": 0.4, "accuracy": 0.8, "macro_f1": 0.79}, "accuracy", best=False)
+    assert capsys.readouterr().out.splitlines() == [
+        "bees: evaluation at step 16/96: accuracy 0.9020, eval_loss 0.3287, macro_f1 0.9011 (best so far)",
+        "bees: evaluation at step 32/96: accuracy 0.8000, eval_loss 0.4000, macro_f1 0.7900",
+    ]
+    assert shown.summary() == "accuracy 0.8000"  # what a bar shows beside the loss
+
+
+def test_ray_report_lines_leave_the_console_only(capsys):
+    """Ray Train's per-report lines repeat the evaluation line; the console drops them, a file keeps them."""
+    logger = logging.getLogger("ray.train.tests-progress")
+    console, kept = logging.StreamHandler(io.StringIO()), []
+    file = logging.Handler()
+    file.emit = lambda record: kept.append(record.getMessage())
+    ray_train = logging.getLogger("ray.train")
+    for handler in (console, file):
+        ray_train.addHandler(handler)
+    try:
+        quiet_ray_report_lines()
+        quiet_ray_report_lines()  # once per handler, however often a worker asks
+        assert len(console.filters) == 1
+        logger.warning("Reporting training result 3: TrainingReport(metrics={...}) from rank 0")
+        logger.warning("Checkpoint successfully created at: Checkpoint(filesystem=local, path=/x)")
+        logger.warning("Started training worker group of size 2")
+    finally:
+        for handler in (console, file):
+            ray_train.removeHandler(handler)
+    assert console.stream.getvalue().splitlines() == ["Started training worker group of size 2"]
+    assert len(kept) == 3 and kept[0].startswith(RAY_REPORT_LINES)
+
+
 def test_other_ranks_and_off_print_nothing(capsys):
-    for progress in (_progress(1, 10, 0, "x", "lines"), _progress(0, 10, 0, "x", "off")):
-        progress.update(1)
-        progress.set_description("x loss 1.0")
+    for shown in (progress(1, 10, 0, "x", "lines"), progress(0, 10, 0, "x", "off")):
+        shown.advance()
+        shown.logged(1.0)
+        shown.evaluated({"accuracy": 1.0}, "accuracy", best=True)
     assert capsys.readouterr().out == ""

@@ -1,0 +1,128 @@
+"""What rank 0 shows while training: the step, the loss and the last evaluation.
+
+The driver picks the style (training.run.progress_style) and the workers follow it: a Ray-aware
+bar on a terminal (tqdm_ray keeps bars intact across workers), one line per logged step and per
+evaluation in a log (CI, nohup, a Ray job's or a pod's log), or nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+# Ray Train's own console lines for each `ray.train.report`, from every rank:
+#   "Checkpoint successfully created at: Checkpoint(filesystem=local, path=...)"
+#   "Reporting training result 3: TrainingReport(checkpoint=..., metrics={...}, validation=False) from rank 0"
+# Rank 0's evaluation line says what they say, once, in a form a person reads. Ray's log files keep them.
+RAY_REPORT_LINES = ("Checkpoint successfully created at", "Reporting training result")
+
+
+class _RayReportLines(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(RAY_REPORT_LINES)
+
+
+def quiet_ray_report_lines() -> None:
+    """Drop Ray Train's per-report lines from this worker's console; its log files are left whole.
+
+    Ray Train's public `LoggingConfig(log_level=...)` cannot do it: it would also hide the worker
+    group's start (which node, which resources), and the "Reporting training result" logger is named
+    after its file, outside the `ray.train` hierarchy that setting governs. So the filter sits on the
+    console handlers (StreamHandlers; Ray's file handlers are not) of the two loggers that carry them.
+    """
+    for logger in (logging.getLogger(), logging.getLogger("ray.train")):
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and not any(
+                    isinstance(f, _RayReportLines) for f in handler.filters):
+                handler.addFilter(_RayReportLines())
+
+
+def progress(rank: int, total: int, initial: int, name: str, style: str = "bar"):
+    """Rank 0's progress in the driver's style ("bar", "lines" or "off"); other ranks show nothing."""
+    if rank != 0 or style == "off":
+        return _Progress(total, initial, name)
+    if style == "lines":
+        return _LineProgress(total, initial, name)
+    return _BarProgress(total, initial, name)
+
+
+def _metrics_text(metrics: dict[str, float], first: str) -> str:
+    """`accuracy 0.9150, macro_f1 0.9148, eval_loss 0.2335`: the selection metric first."""
+    names = [first] + [k for k in metrics if k != first]
+    return ", ".join(f"{k} {metrics[k]:.4f}" for k in names if k in metrics)
+
+
+class _Progress:
+    """Shows nothing (other ranks, or progress off); the others say what this one only counts."""
+
+    def __init__(self, total: int, initial: int, name: str) -> None:
+        self.total, self.step, self.name = total, initial, name
+        self.loss: float | None = None
+        self.metric: str | None = None  # "accuracy 0.9150" after an evaluation
+
+    def advance(self, n: int = 1) -> None:
+        self.step += n
+
+    def logged(self, loss: float) -> None:
+        self.loss = loss
+
+    def evaluated(self, metrics: dict[str, float], metric_name: str, best: bool) -> None:
+        if metric_name in metrics:
+            self.metric = f"{metric_name} {metrics[metric_name]:.4f}"
+
+    def close(self) -> None:
+        pass
+
+    def summary(self) -> str:
+        return ", ".join(part for part in (None if self.loss is None else f"loss {self.loss:.4f}", self.metric) if part)
+
+
+class _BarProgress(_Progress):
+    """`name loss 0.2773, accuracy 0.9150 |████    | 40/96`: the last loss and the last evaluation's metric."""
+
+    def __init__(self, total: int, initial: int, name: str) -> None:
+        super().__init__(total, initial, name)
+        from ray.experimental.tqdm_ray import tqdm
+
+        self.bar = tqdm(total=total, desc=name, unit="step")
+        self.bar.update(initial)
+
+    def advance(self, n: int = 1) -> None:
+        super().advance(n)
+        self.bar.update(n)
+
+    def logged(self, loss: float) -> None:
+        super().logged(loss)
+        self.bar.set_description(f"{self.name} {self.summary()}")
+
+    def evaluated(self, metrics: dict[str, float], metric_name: str, best: bool) -> None:
+        super().evaluated(metrics, metric_name, best)
+        self.bar.set_description(f"{self.name} {self.summary()}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class _LineProgress(_Progress):
+    """For logs, not terminals:
+    `name: step 10/63 (16%), loss 0.6896, 1.40 steps/s` once per logged step, and
+    `name: evaluation at step 16/96: accuracy 0.9020, macro_f1 0.9011, eval_loss 0.3287 (best so far)`."""
+
+    def __init__(self, total: int, initial: int, name: str) -> None:
+        super().__init__(total, initial, name)
+        self.since, self.since_step = time.perf_counter(), initial
+
+    def logged(self, loss: float) -> None:
+        super().logged(loss)
+        now = time.perf_counter()
+        rate = (self.step - self.since_step) / max(now - self.since, 1e-9)
+        print(f"{self.name}: step {self.step}/{self.total} ({100 * self.step // max(self.total, 1)}%), "
+              f"loss {loss:.4f}, {rate:.2f} steps/s", flush=True)
+        self.since, self.since_step = now, self.step
+
+    def evaluated(self, metrics: dict[str, float], metric_name: str, best: bool) -> None:
+        super().evaluated(metrics, metric_name, best)
+        print(f"{self.name}: evaluation at step {self.step}/{self.total}: {_metrics_text(metrics, metric_name)}"
+              + (" (best so far)" if best else ""), flush=True)
+        # The evaluation's time is not the training's rate.
+        self.since, self.since_step = time.perf_counter(), self.step
