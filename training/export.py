@@ -6,6 +6,7 @@ config, safetensors weights (never pickles), tokenizer or image processor.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -26,7 +27,7 @@ from training.tasks import TASKS
 
 @contextmanager
 def _rebuilding_quietly() -> Iterator[None]:
-    """The base model reloaded under the trained weights, without transformers' load report.
+    """The base model reloaded under the trained weights, without transformers' load report (or ours).
 
     Rebuilding from the base is how the checkpoint's trainable state finds its place, so the
     report's "classifier MISSING ... Consider training on your downstream task" (said once
@@ -34,14 +35,18 @@ def _rebuilding_quietly() -> Iterator[None]:
     still show: only warnings and the loading bar are held back.
     """
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    ours = logging.getLogger("training.tasks")  # torchvision's "pretrained weights from ...; new head for N labels"
+    level = ours.level
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    ours.setLevel(logging.WARNING)
     try:
         yield
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+        ours.setLevel(level)
 
 
 def export_checkpoint(checkpoint_dir: Path, spec: Any, export_dir: Path, source_run: str | None = None,

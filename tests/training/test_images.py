@@ -201,3 +201,37 @@ def test_hugging_face_model_evaluates_with_its_image_processor(tmp_path, tiny_vi
     assert batch["pixel_values"].shape[1:] == (3, 32, 32)
     assert TASK.build_collator(processing, True)(rows(prepared.train))["pixel_values"].shape[1:] == (3, 32, 32)
     assert model(pixel_values=batch["pixel_values"]).logits.shape == (len(batch["labels"]), 2)
+
+
+def test_torchvision_export_does_not_repeat_new_head(tmp_path):
+    """The worker says the head is new; the export, rebuilding the same model under trained weights, does not."""
+    import logging
+
+    import torchvision
+    from transformers import get_scheduler
+
+    from training.checkpoint import TrainState, save_shard
+    from training.export import export_checkpoint
+    from training.model_builder import build_training_model
+
+    weights = tmp_path / "mobilenet_v3_small-047dcff4.pth"
+    torch.save(torchvision.models.mobilenet_v3_small().state_dict(), weights)
+    spec = job(weights=str(weights), train=str(colour_images(tmp_path / "train", 2)))
+    said = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: said.append(record.getMessage())
+    ours = logging.getLogger("training")
+    ours.addHandler(handler)
+    ours.setLevel(logging.INFO)  # as on a Ray Train worker, whose root logger Ray sets to INFO
+    try:
+        model = build_training_model(spec, ["blue", "red"])
+        assert [line for line in said if line.endswith("new head for 2 labels")], said
+        optimizer = torch.optim.AdamW(model.parameters())
+        save_shard(tmp_path / "ckpt", 0, 1, model, optimizer, get_scheduler("constant", optimizer), TrainState(step=1),
+                   {"accuracy": 1.0}, extra={"labels": ["blue", "red"]})
+        said.clear()
+        export = export_checkpoint(tmp_path / "ckpt", spec, tmp_path / "export")
+    finally:
+        ours.removeHandler(handler)
+        ours.setLevel(logging.NOTSET)
+    assert said == [] and (export / "torchvision.json").is_file()

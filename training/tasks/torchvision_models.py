@@ -13,6 +13,7 @@ Pretrained weights come from a local file (.pth read with `weights_only=True`, o
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -25,6 +26,10 @@ from training.layout import MODEL_WEIGHTS, TORCHVISION_CONFIG_FILE
 SCHEME = "torchvision://"
 # Auxiliary heads (train-mode tuples) or no linear head: not a plain backbone + linear classifier.
 UNSUPPORTED = frozenset({"googlenet", "inception_v3", "squeezenet1_0", "squeezenet1_1"})
+# Where the weights came from and whether the head is new: said as transformers says its load report
+# (a logger, at INFO), so the worker that trains shows it (Ray Train sets its root logger to INFO on
+# the console) and the export's rebuild of the same model can hold it back.
+log = logging.getLogger(__name__)
 
 
 def architecture_of(model_path: str) -> str | None:
@@ -125,8 +130,8 @@ def read_weights(location: str) -> dict[str, torch.Tensor]:
 def build_torchvision_classifier(architecture: str, weights: str, labels: list[str]) -> TorchvisionClassifier:
     model = TorchvisionClassifier(architecture, labels)
     kept_head = model.load_torchvision_state_dict(read_weights(weights), weights)
-    print(f"{architecture}: pretrained weights from {weights}; "
-          + ("their head fits the labels and is kept" if kept_head else f"new head for {len(labels)} labels"))
+    log.info(f"{architecture}: pretrained weights from {weights}; "
+             + ("their head fits the labels and is kept" if kept_head else f"new head for {len(labels)} labels"))
     return model
 
 
