@@ -7,6 +7,7 @@ Imported by name (`from testdata import ...`): several test folders have a conft
 from __future__ import annotations
 import os
 import random
+import shutil
 from pathlib import Path
 import pytest
 
@@ -93,3 +94,11 @@ def colour_images(root: Path, per_class: int, seed: int = 0, size: int = 40) -> 
             pixels[top:top + side, left:left + side] = np.clip(patch, 0, 255)
             Image.fromarray(pixels.astype("uint8")).save(root / name / f"{i:03d}.png")
     return root
+
+
+def remove_killed_ray(driver_pid: int) -> None:
+    """The private Ray temp dir (cluster/runtime.py: /tmp/tfray-*) of a `tunefleet train` driver a test SIGKILLed:
+    the driver never reached its own cleanup. Found by the driver's pid, which ends Ray's session name, so
+    another run's directory on the shared machine is never touched."""
+    for session in Path("/tmp").glob(f"tfray-*/session_*_{driver_pid}"):
+        shutil.rmtree(session.parent, ignore_errors=True)

@@ -18,6 +18,7 @@ import yaml
 from tests.integration.scale_jobs import (  # noqa: F401  (fixtures)
     JOB_NAME, TOTAL_STEPS, deepspeed_ops, final_eval, fit, job_data, losses, records, reference,
 )
+from testdata import remove_killed_ray
 from training.checkpoint import IncompleteCheckpointError, read_manifest
 from training.run import complete_checkpoints
 
@@ -120,6 +121,7 @@ def _kill_while_writing(driver: subprocess.Popen, checkpoints: Path, deadline: f
                         pass
                 os.killpg(driver.pid, signal.SIGKILL)
                 driver.wait(timeout=60)
+                remove_killed_ray(driver.pid)
                 return directory
         time.sleep(0.002)
     return None

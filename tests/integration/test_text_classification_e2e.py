@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from testdata import remove_killed_ray
+
 pytestmark = pytest.mark.integration
 
 TOTAL_STEPS = 240
@@ -80,6 +82,7 @@ def test_train_kill_resume_export_serve(tmp_path, tiny_text_model, sentiment_tsv
     os.killpg(first.pid, signal.SIGKILL)
     first.wait(timeout=30)
     saved = _steps_seen_after_kill(checkpoints)
+    remove_killed_ray(first.pid)
     assert saved, "no complete checkpoint before the kill"
     for directory in (d for d in saved.values() if d.exists()):  # one shard per rank (Ray may prune some)
         assert sorted(p.name for p in directory.glob("rank_*")) == ["rank_00000", "rank_00001"]
