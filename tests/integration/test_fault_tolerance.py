@@ -15,9 +15,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.integration.scale_jobs import (  # noqa: F401  (fixtures)
-    JOB_NAME, TOTAL_STEPS, deepspeed_ops, final_eval, fit, job_data, losses, records, reference,
-)
+from tests.integration.scale_jobs import JOB_NAME, TOTAL_STEPS, final_eval, fit, job_data, losses, records
 from testdata import remove_killed_ray
 from training.checkpoint import IncompleteCheckpointError, read_manifest
 from training.run import complete_checkpoints
