@@ -151,16 +151,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = _evaluate(model, forward, validation_rows, validation_lengths, collate_eval, loss_fn, task,
                             prepared.labels, t.batch_size * 2, world, rank, device, input_dtype,
                             lockstep=zero_stage == 3)
-        value = metrics[metric_name]
-        improved = state.best_metric is None or (value > state.best_metric if higher_is_better else value < state.best_metric)
+        improved, best = judge(metrics[metric_name], state.best_metric, higher_is_better)
         if improved:
-            state.best_metric, state.evals_without_improvement = value, 0
+            state.best_metric, state.evals_without_improvement = metrics[metric_name], 0
         else:
             state.evals_without_improvement += 1
         scalar = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         reported = {**scalar, "step": state.step, "epoch": state.epoch}
         log.write({"event": "eval", **reported})
-        shown.evaluated(scalar, metric_name, improved)
+        shown.evaluated(scalar, metric_name, best)
         log.flush()
         with tempfile.TemporaryDirectory(prefix="tunefleet-ckpt-") as directory:
             details = {k: v for k, v in metrics.items() if k not in scalar}
@@ -251,6 +250,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         log.write({"event": "end", "step": state.step})
     log.close()
+
+
+def judge(value: float, best_before: float | None, higher_is_better: bool) -> tuple[bool, bool]:
+    """(improved, best so far) of an evaluation's selection metric, against the best of the evaluations before it.
+
+    `improved` (strictly better) resets early stopping's patience, as transformers' EarlyStoppingCallback counts.
+    `best so far` takes a tie too: of equal checkpoints the later is exported (run.best_checkpoint; Ray, keeping
+    the top k, also drops the earlier of equals), so the evaluation the progress marks last is the one exported.
+    """
+    if best_before is None:
+        return True, True
+    improved = value > best_before if higher_is_better else value < best_before
+    return improved, improved or value == best_before
 
 
 def _epoch(state, stream, rows, lengths, spec, task, world, rank):

@@ -8,16 +8,17 @@ import torch
 from transformers import get_scheduler
 
 from training.checkpoint import IncompleteCheckpointError, TrainState, newest_complete, read_manifest, save_shard
-from training.run import complete_checkpoints, incomplete_checkpoints
+from training.loop import judge
+from training.run import best_checkpoint, complete_checkpoints, incomplete_checkpoints
 
 
-def _save(directory, step):
+def _save(directory, step, accuracy=0.5):
     model = torch.nn.Linear(4, 2)
     optimizer = torch.optim.AdamW(model.parameters())
     model(torch.ones(1, 4)).sum().backward()
     optimizer.step()
     save_shard(directory, 0, 1, model, optimizer, get_scheduler("constant", optimizer), TrainState(step=step),
-               {"accuracy": 0.5}, extra={"labels": ["a", "b"]})
+               {"accuracy": accuracy}, extra={"labels": ["a", "b"]})
 
 
 def test_manifest_lists_every_file_with_its_size(tmp_path):
@@ -46,3 +47,22 @@ def test_cut_short_or_missing_files_make_a_checkpoint_incomplete(tmp_path):
                                                                              "checkpoint_5"]
     directory, manifest = newest_complete(checkpoints)
     assert directory.name == "checkpoint_1" and manifest["step"] == 1
+
+
+def test_the_evaluation_marked_best_last_is_the_checkpoint_exported(tmp_path):
+    """A tie with the best (a model stuck at the majority class scores the same accuracy twice) is marked best
+    so far, because the export takes the later of equals; only a strict improvement resets early stopping."""
+    accuracies = [0.5, 0.75, 0.75, 0.625]
+    marked, best_before, improvements = [], None, []
+    for step, accuracy in enumerate(accuracies, start=1):
+        _save(tmp_path / f"checkpoint_{step}", step, accuracy)
+        improved, best = judge(accuracy, best_before, higher_is_better=True)
+        improvements.append(improved)
+        if best:
+            marked.append(step)
+        if improved:
+            best_before = accuracy
+    assert marked == [1, 2, 3] and improvements == [True, True, False, False]
+    directory, manifest = best_checkpoint(tmp_path, "accuracy", higher_is_better=True)
+    assert directory.name == "checkpoint_3" and manifest["step"] == marked[-1]
+    assert judge(0.2, 0.3, higher_is_better=False) == (True, True) and judge(0.3, 0.3, higher_is_better=False) == (False, True)
