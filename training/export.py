@@ -98,6 +98,7 @@ def export_checkpoint(checkpoint_dir: Path, spec: Any, export_dir: Path, source_
         trainable_parameters=trainable,
         total_parameters=total,
         max_length=spec.data.max_length,
+        text_pairs=spec.data.columns.text_pair is not None if spec.task == "text-classification" else None,
         metrics=manifest["metrics"],
         source_run=source_run,
         checkpoint=checkpoint_uri or str(checkpoint_dir),

@@ -88,6 +88,9 @@ class ExportInfo(BaseModel):
     trainable_parameters: int | None = None
     total_parameters: int | None = None
     max_length: int | None = None
+    text_pairs: bool | None = Field(
+        None, description="Text classification: trained on sentence pairs (data.columns.text_pair) or on single "
+                          "texts; the server refuses the other kind. null: another task, or an export written before.")
     metrics: dict[str, Any] = Field(default_factory=dict)
     source_run: str | None = None
     checkpoint: str | None = None

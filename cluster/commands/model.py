@@ -81,6 +81,8 @@ def _predict(args) -> int:
             predictions = predict_local(args.export_dir, inputs, spec=spec, **given)
     except (OSError, ValueError, ServingError) as err:  # no such export or image file, an input past a limit
         print(f"error: {err}", file=sys.stderr)
+        if isinstance(err, ServingError) and isinstance(err.detail, dict) and err.detail.get("text_pairs"):
+            print("  (here, 'first ||| second' is one sentence pair)", file=sys.stderr)
         return 2
     print(json.dumps(predictions, indent=2))
     return 0

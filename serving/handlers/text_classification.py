@@ -67,6 +67,7 @@ class TextClassificationHandler(TaskHandler):
                 413, f"too many inputs: {len(inputs)} in one request, at most {limit}", {"max_inputs_per_request": limit}
             )
         items = [(x.text, x.text_pair) if isinstance(x, TextPair) else (x, None) for x in inputs]
+        self._refuse_other_kind(items)
         longest = self.spec.max_input_chars
         for i, (text, pair) in enumerate(items):
             size = len(text) + len(pair or "")
@@ -75,6 +76,20 @@ class TextClassificationHandler(TaskHandler):
                     413, f"input {i} is too long: {size} characters, at most {longest}", {"max_input_chars": longest}
                 )
         return items
+
+    def _refuse_other_kind(self, items: list[Item]) -> None:
+        """A model trained on sentence pairs scores a lone text (and the other way round) without complaint, and
+        the score means nothing: refused, where the export says which kind it was trained on."""
+        pairs = self.info.text_pairs
+        if pairs is None:
+            return
+        for i, (_, pair) in enumerate(items):
+            if (pair is not None) != pairs:
+                wanted = '{"text": ..., "text_pair": ...}' if pairs else "a text"
+                raise ServingError(
+                    422, f"input {i} is {'a text pair' if pair is not None else 'a single text'}, but "
+                         f"this model was trained on {'sentence pairs' if pairs else 'single texts'}: send {wanted}",
+                    {"field": f"inputs[{i}]", "text_pairs": pairs})
 
     @torch.inference_mode()
     def run_batch(self, items: list[Item]) -> list[Scored]:

@@ -114,6 +114,7 @@ def test_train_kill_resume_export_serve(tmp_path, tiny_text_model, sentiment_tsv
     export = run_dir / "export"
     info = json.loads((export / "tunefleet.json").read_text())
     assert info["labels"] == ["negative", "positive"] and info["task"] == "text-classification"
+    assert info["text_pairs"] is False  # trained on single texts: a server refuses pairs
     assert not list(export.glob("*.bin")) and (export / "model.safetensors").is_file()
     from transformers import pipeline
 

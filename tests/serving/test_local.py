@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -73,6 +74,32 @@ def test_bad_inputs_raise_the_http_status_they_would_answer(tiny_export, inputs,
         predict_local(tiny_export, inputs, top_k=top_k)
     assert caught.value.status == status
     assert message in caught.value.error
+
+
+@pytest.mark.parametrize("pairs", [True, False])
+def test_a_model_trained_on_pairs_refuses_a_lone_text_and_the_other_way_round(tiny_export, tmp_path, capsys,
+                                                                              pairs) -> None:
+    export = tmp_path / "export"
+    shutil.copytree(tiny_export, export)
+    write_export_info(export, read_export_info(export).model_copy(update={"text_pairs": pairs}))
+    right, wrong = {"text": "a", "text_pair": "b"}, "a lone text"
+    if not pairs:
+        right, wrong = wrong, right
+    assert len(predict_local(export, [right, right])) == 2
+    with pytest.raises(ServingError) as caught:
+        predict_local(export, [right, wrong])
+    assert caught.value.status == 422
+    assert caught.value.error == (
+        'input 1 is a single text, but this model was trained on sentence pairs: send {"text": ..., "text_pair": ...}'
+        if pairs else "input 1 is a text pair, but this model was trained on single texts: send a text")
+    assert caught.value.detail == {"field": "inputs[1]", "text_pairs": pairs}
+    if pairs:  # `tunefleet predict` says it too, and how its command line writes a pair
+        from cluster.cli import main
+
+        assert main(["predict", str(export), "first ||| second"]) == 0 and len(json.loads(capsys.readouterr().out)) == 1
+        assert main(["predict", str(export), "a lone text"]) == 2
+        assert capsys.readouterr().err.splitlines()[-2:] == [f"error: {caught.value.error.replace('1', '0', 1)}",
+                                                             "  (here, 'first ||| second' is one sentence pair)"]
 
 
 def test_malformed_input_is_refused_before_the_model_loads(tiny_export: Path, monkeypatch) -> None:
@@ -205,8 +232,6 @@ def test_reading_the_serve_spec_does_not_import_torch_or_ray() -> None:
 
 
 def test_predict_cli_takes_the_dtype(tiny_export: Path, capsys) -> None:
-    import json
-
     from cluster.cli import main
 
     assert main(["predict", str(tiny_export), "a wonderful film", "--top-k", "2", "--dtype", "float32"]) == 0
@@ -233,8 +258,6 @@ def test_predict_cli_takes_the_dtype(tiny_export: Path, capsys) -> None:
 
 @pytest.mark.gpu
 def test_predict_runs_on_the_gpu_when_there_is_one(tiny_export: Path, capsys) -> None:
-    import json
-
     from cluster.cli import main
     from serving.handlers import load_handler
 
