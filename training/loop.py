@@ -36,7 +36,7 @@ from training.cpu_dropout import use_cpu_dropout
 from training.feature_cache import cached_features
 from training.model_builder import build_training_model
 from training.optim import build_optimizer, lr_schedule, parameter_groups
-from training.progress import progress, quiet_ray_report_lines
+from training.progress import progress, quiet_library_bars, quiet_ray_report_lines
 from training.storage import StorageDir, write_whole
 from training.streaming import stream_epoch
 from training.tasks import TASKS, selection_metric
@@ -56,6 +56,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     zero_stage = deepspeed_engine.zero_stage(zero) if zero is not None else None
 
     # ---- setup -------------------------------------------------------------
+    if config.get("progress", "bar") != "bar":  # a log: no library bars (a Ray cluster's workers lack the driver's env)
+        quiet_library_bars()
     # Ray sets OMP_NUM_THREADS to the worker's CPUs (1 unless asked): use what the worker reserved.
     torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
     torch.manual_seed(spec.train.seed)

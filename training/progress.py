@@ -8,6 +8,7 @@ evaluation in a log (CI, nohup, a Ray job's or a pod's log), or nothing.
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 # Ray Train's own console lines for each `ray.train.report`, from every rank:
@@ -37,6 +38,39 @@ def quiet_ray_report_lines() -> None:
                 handler.addFilter(_RayReportLines())
 
 
+# The libraries' own bars (transformers' "Loading weights" and "Writing model shards", datasets' "Map", the
+# hub's downloads): each variable is read when its library is imported, and an explicit value is the user's.
+LIBRARY_BAR_SWITCHES = ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS")
+
+
+def quiet_library_bars() -> None:
+    """Turn the libraries' progress bars off in this process (and in processes it starts), for a log.
+
+    A bar redrawn into a file is stored as one line per redraw, twice per model load and again per
+    save. The libraries' documented switches do it; where a library is already imported, its switch
+    is called too. A variable the user set is left as it is. Not reached: transformers' GGUF
+    conversion bar, which calls tqdm directly, with no switch.
+    """
+    import sys
+
+    chosen = {variable for variable in LIBRARY_BAR_SWITCHES if variable in os.environ}
+    for variable in LIBRARY_BAR_SWITCHES:
+        os.environ.setdefault(variable, "1")
+    if "HF_HUB_DISABLE_PROGRESS_BARS" not in chosen:  # transformers follows the hub's switch at import
+        if "huggingface_hub" in sys.modules:
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
+        if "transformers" in sys.modules:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+    if "HF_DATASETS_DISABLE_PROGRESS_BARS" not in chosen and "datasets" in sys.modules:
+        import datasets
+
+        datasets.disable_progress_bars()
+
+
 def progress(rank: int, total: int, initial: int, name: str, style: str = "bar"):
     """Rank 0's progress in the driver's style ("bar", "lines" or "off"); other ranks show nothing."""
     if rank != 0 or style == "off":
@@ -47,9 +81,10 @@ def progress(rank: int, total: int, initial: int, name: str, style: str = "bar")
 
 
 def _metrics_text(metrics: dict[str, float], first: str) -> str:
-    """`accuracy 0.9150, macro_f1 0.9148, eval_loss 0.2335`: the selection metric first."""
+    """`accuracy 0.9150, macro_f1 0.9148, eval_loss 0.2335`: the selection metric first; counts as counts."""
     names = [first] + [k for k in metrics if k != first]
-    return ", ".join(f"{k} {metrics[k]:.4f}" for k in names if k in metrics)
+    return ", ".join(f"{k} {metrics[k]}" if isinstance(metrics[k], int) else f"{k} {metrics[k]:.4f}"
+                     for k in names if k in metrics)
 
 
 class _Progress:

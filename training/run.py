@@ -26,6 +26,7 @@ from training import streaming
 from training.checkpoint import IncompleteCheckpointError, complete_checkpoints
 from training.export import export_checkpoint
 from training.layout import BEST_CHECKPOINT_FILE, CHECKPOINTS_DIR, EXPORT_DIR, JOB_FILE, METRICS_FILE, REPORT_DIR
+from training.progress import quiet_library_bars
 from training.entry import train_worker
 from training.report import write_report
 from training.storage import StorageDir, as_storage
@@ -62,6 +63,8 @@ class RunStart:
 
 
 def begin_run(spec: Any, run_id: str, storage: StorageDir | None = None) -> RunStart:
+    if progress_style() != "bar":  # a log: the libraries' bars off, here and in the Ray this process starts
+        quiet_library_bars()
     run = (storage or StorageDir.local(spec.output.storage)).child(spec.name, run_id)
     run.write_text(JOB_FILE, yaml.safe_dump(spec.dump(), sort_keys=False))
     executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tunefleet-start")

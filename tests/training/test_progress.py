@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -59,6 +62,9 @@ def test_lines_say_each_evaluation_selection_metric_first(capsys):
         "bees: evaluation at step 32/96: accuracy 0.8000, eval_loss 0.4000, macro_f1 0.7900",
     ]
     assert shown.summary() == "accuracy 0.8000"  # what a bar shows beside the loss
+    shown.evaluated({"perplexity": 44.37862, "eval_tokens": 2040, "eval_loss": 3.79281}, "perplexity", best=True)
+    assert capsys.readouterr().out.splitlines() == [  # a count reads as a count, not 2040.0000
+        "bees: evaluation at step 32/96: perplexity 44.3786, eval_tokens 2040, eval_loss 3.7928 (best so far)"]
 
 
 def test_ray_report_lines_leave_the_console_only(capsys):
@@ -90,3 +96,18 @@ def test_other_ranks_and_off_print_nothing(capsys):
         shown.logged(1.0)
         shown.evaluated({"accuracy": 1.0}, "accuracy", best=True)
     assert capsys.readouterr().out == ""
+
+
+def test_library_bars_go_quiet_for_a_log_but_a_users_choice_stands():
+    code = ("import datasets, transformers\n"
+            "from huggingface_hub.utils import are_progress_bars_disabled\n"
+            "from transformers.utils import logging\n"
+            "from training.progress import quiet_library_bars\n"
+            "quiet_library_bars()\n"
+            "print(logging.is_progress_bar_enabled(), are_progress_bars_disabled(), datasets.is_progress_bar_enabled())")
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_DISABLE_PROGRESS_BARS")}
+    quiet = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert quiet.stdout.split() == ["False", "True", "False"]
+    kept = subprocess.run([sys.executable, "-c", code], env={**env, "HF_DATASETS_DISABLE_PROGRESS_BARS": "0"},
+                          capture_output=True, text=True, check=True)
+    assert kept.stdout.split() == ["False", "True", "True"]
