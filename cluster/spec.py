@@ -278,10 +278,15 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
         if not sep or not re.fullmatch(r"[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*", key):
             problems.append(Problem(path="--set", message="expected key.path=value", value=item))
             continue
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
+        text = raw.strip()
+        if "#" in text and text[0] not in "[{\"'":
+            # Text as written: YAML takes `#...` for a comment, so `text_pair=#2 String` (MRPC's column) was null.
+            value = text
+        else:
+            try:
+                value = yaml.safe_load(raw) if text else ""
+            except yaml.YAMLError:
+                value = raw
         parsed.append((key.split("."), value))
     if problems:
         raise JobSpecError(problems, "--set")

@@ -9,7 +9,7 @@ import yaml
 from pydantic import ValidationError
 
 from cluster.cli import main
-from cluster.spec import JobSpec, JobSpecError, apply_overrides, load_job, validate_job
+from cluster.spec import JobSpec, JobSpecError, apply_overrides, load_job, parse_overrides, validate_job
 from training.methods import METHODS
 from training.tasks import TASKS
 
@@ -280,6 +280,15 @@ def test_overrides_are_nested_and_yaml_typed(workdir):
     assert spec.data.limit.train == 1
     assert spec.data.columns.text == ["sentence", "sentence"]
     assert spec.train.max_grad_norm is None
+
+
+def test_an_override_with_a_hash_is_the_text_written_not_a_yaml_comment():
+    """MRPC's columns are `#1 String` and `#2 String`: as YAML, `#2 String` is a comment, and the pair column
+    silently became null (a pair task trained on single texts)."""
+    assert [value for _, value in parse_overrides([
+        "data.columns.text_pair=#2 String", "data.columns.text= #1 String ", "name=a#b", "x.y=['#1 String', b]",
+        "x.z='#3'",
+    ])] == ["#2 String", "#1 String", "a#b", ["#1 String", "b"], "#3"]
 
 
 def test_override_into_a_model_given_as_a_string(workdir):
