@@ -23,11 +23,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from serving.errors import ServingError
-from serving.schemas import ErrorBody, Text, UnicodeText
+from serving.schemas import ErrorBody, StopTexts, Text, UnicodeText
 
 COMPLETIONS, CHAT = "completions", "chat"
 _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (400, 404, 413, 422)}
-Stop = Union[Text, Annotated[list[Text], Field(min_length=1, max_length=4)], None]
 
 
 class _Body(BaseModel):
@@ -42,7 +41,7 @@ class _Sampling(_Body):
     model: StrictStr = Field(description="Name of a served causal-LM model (GET /v1/models).")
     temperature: float = Field(1.0, ge=0, le=2, description="0: greedy (deterministic); higher: more random.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: the smallest token set with this probability.")
-    stop: Stop = Field(None, description="Up to 4 texts; generation ends before the first one.")
+    stop: StopTexts = Field(None, description="Up to 4 texts; generation ends before the first one.")
     stream: StrictBool = Field(False, description="Answer server-sent events as tokens are generated.")
     stream_options: StreamOptions | None = None
     n: StrictInt = Field(1, ge=1, le=1, description="Choices per prompt; only 1.")

@@ -29,8 +29,18 @@ def _non_blank(value: str) -> str:
     return _valid_unicode(value)
 
 
+def _non_empty(value: str) -> str:
+    if not value:
+        raise ValueError("must be a non-empty text")
+    return _valid_unicode(value)
+
+
 UnicodeText = Annotated[StrictStr, AfterValidator(_valid_unicode)]  # may be empty (a chat turn)
 Text = Annotated[StrictStr, AfterValidator(_non_blank)]
+# A causal LM's stop texts: whitespace is a text here ("\n\n", the usual one); only "" (found everywhere) is not.
+StopTexts = Union[Annotated[StrictStr, AfterValidator(_non_empty)],
+                  Annotated[list[Annotated[StrictStr, AfterValidator(_non_empty)]], Field(min_length=1, max_length=4)],
+                  None]
 
 
 class TextPair(BaseModel):

@@ -21,6 +21,9 @@ def register(commands) -> None:
     predict.add_argument("inputs", nargs="+",
                          help="texts ('first ||| second' gives a sentence pair), or image files for an image model")
     predict.add_argument("--top-k", type=int, default=None, help="labels per input (default: the task's default)")
+    predict.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                         help="a request parameter, as the HTTP API's \"parameters\" take it (the value is YAML), "
+                              "e.g. --param max_new_tokens=32 --param temperature=0.7 for a causal LM; repeatable")
     predict.add_argument("--dtype", **DTYPE_OPTION)
     predict.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                          help="where the model runs: auto is the GPU when CUDA is available, else the CPU")
@@ -70,6 +73,13 @@ def _predict(args) -> int:
         print(f"error: --dtype {args.dtype} (predict runs on the {'GPU' if on_gpu else 'CPU'} here): "
               f"{problems or err}", file=sys.stderr)
         return 2
+    from cluster.spec import JobSpecError, parse_overrides
+
+    try:
+        parameters = {".".join(key): value for key, value in parse_overrides(args.param)}
+    except JobSpecError as err:
+        print(f"error: --param {', '.join(str(p.value) for p in err.problems)}: expected KEY=VALUE", file=sys.stderr)
+        return 2
     given = {} if args.top_k is None else {"top_k": args.top_k}
     try:
         if _is_image_export(args.export_dir):  # image files → base64, as an HTTP client sends them
@@ -78,7 +88,7 @@ def _predict(args) -> int:
             inputs = [{"text": t.split("|||")[0].strip(), "text_pair": t.split("|||")[1].strip()} if "|||" in t
                       else t for t in args.inputs]
         with contextlib.redirect_stdout(sys.stderr):  # libraries' log lines (DeepSpeed's) must not corrupt the JSON
-            predictions = predict_local(args.export_dir, inputs, spec=spec, **given)
+            predictions = predict_local(args.export_dir, inputs, parameters=parameters, spec=spec, **given)
     except (OSError, ValueError, ServingError) as err:  # no such export or image file, an input past a limit
         print(f"error: {err}", file=sys.stderr)
         if isinstance(err, ServingError) and isinstance(err.detail, dict) and err.detail.get("text_pairs"):

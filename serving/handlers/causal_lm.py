@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterator, Literal, Union
+from typing import Any, Callable, Iterator, Literal, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
@@ -25,7 +25,7 @@ from serving.handlers.base import TaskHandler
 from serving.handlers.registry import register_handler
 from serving.openai_compat import CHAT, COMPLETIONS, response_body, stream_events
 from serving.placement import place, replica_device
-from serving.schemas import PredictResponse, Text
+from serving.schemas import PredictResponse, StopTexts, Text
 from training.layout import ExportInfo
 
 MAX_NEW_TOKENS = 1024  # per request; bounds how long one request holds a replica
@@ -38,7 +38,7 @@ class GenerationParameters(BaseModel):
     temperature: float = Field(0.0, ge=0, le=2, description="0: greedy, deterministic (default); higher: sampling.")
     top_p: float = Field(1.0, gt=0, le=1, description="Sampling: the smallest token set with this probability.")
     top_k: StrictInt | None = Field(None, ge=1, description="Sampling: only the k likeliest tokens; null: no limit.")
-    stop: Union[Text, Annotated[list[Text], Field(min_length=1, max_length=4)], None] = Field(
+    stop: StopTexts = Field(
         None, description="Up to 4 texts; generation ends before the first one.")
     return_full_text: bool = Field(False, description="Prepend the prompt to the generated text.")
 

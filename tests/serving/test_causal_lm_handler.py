@@ -50,6 +50,13 @@ def test_stop_texts_cut_before_the_first_match(handler):
     assert cut["finish_reason"] == "stop"
 
 
+def test_whitespace_is_a_stop_text_on_both_routes(handler):
+    """"\n\n" is the stop text most clients send (the README's example): a blank text, but not an empty one."""
+    cut = _predict(handler, "the cat", max_new_tokens=12, stop=["\n\n", " "])[0]
+    assert " " not in cut["generated_text"] and "\n\n" not in cut["generated_text"]
+    assert CompletionRequest(model="tiny-lm", prompt="the dog", stop="\n").stop_list() == ["\n"]
+
+
 def test_streaming_sends_the_same_text_as_one_answer(handler):
     request = CompletionRequest(model="tiny-lm", prompt="the dog", max_tokens=10, temperature=0, stream=True)
     whole = handler.openai_format(COMPLETIONS, request, handler.run_batch(handler.openai_prepare(COMPLETIONS, request)))
@@ -78,6 +85,7 @@ def test_chat_uses_the_exported_template(handler):
     ({"inputs": "x" * 200_000}, 413, "characters"),
     ({"inputs": []}, 422, "at least one"),
     ({"inputs": "x", "parameters": {"stop": ["a", "b", "c", "d", "e"]}}, 422, "stop"),
+    ({"inputs": "x", "parameters": {"stop": ["\n", ""]}}, 422, "parameters.stop[1]: must be a non-empty text"),
     ({"inputs": "x", "parameters": {"top_p": 0}}, 422, "top_p"),
 ])
 def test_limits_and_bad_parameters_are_4xx(handler, payload, status, words):

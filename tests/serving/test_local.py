@@ -256,6 +256,18 @@ def test_predict_cli_takes_the_dtype(tiny_export: Path, capsys) -> None:
     assert json.loads(capsys.readouterr().out) == exact
 
 
+def test_predict_cli_passes_request_parameters(tiny_export: Path, capsys) -> None:
+    from cluster.cli import main
+
+    assert main(["predict", str(tiny_export), "a wonderful film", "--param", "top_k=null"]) == 0
+    assert len(json.loads(capsys.readouterr().out)[0]) == len(LABELS)  # YAML-typed: null is every label
+    assert main(["predict", str(tiny_export), "a wonderful film", "--param", "max_new_tokens=8"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: invalid request: parameters.max_new_tokens: Extra inputs are not permitted")
+    assert main(["predict", str(tiny_export), "a wonderful film", "--param", "top_k"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "error: --param top_k: expected KEY=VALUE"
+
+
 @pytest.mark.gpu
 def test_predict_runs_on_the_gpu_when_there_is_one(tiny_export: Path, capsys) -> None:
     from cluster.cli import main
