@@ -182,11 +182,13 @@ def export_and_report(run: StorageDir, best: StorageDir, manifest: dict[str, Any
     return run.child(EXPORT_DIR)
 
 
-def export_run(run: StorageDir, spec: Any) -> StorageDir:
-    """Re-export a run's best complete checkpoint to its export/ (the run may live on S3 or GCS)."""
+def export_run(run: StorageDir, spec: Any, merge: bool = False) -> StorageDir:
+    """Re-export a run's best complete checkpoint to its export/ (the run may live on S3 or GCS);
+    `merge`: an adapter folded into its base (export_checkpoint)."""
     best, _ = best_checkpoint(run.child(CHECKPOINTS_DIR), *selection_metric(spec))
     with run.staging() as staging, best.as_local() as checkpoint:
-        export_dir = export_checkpoint(checkpoint, spec, staging / EXPORT_DIR, source_run=run.uri, checkpoint_uri=best.uri)
+        export_dir = export_checkpoint(checkpoint, spec, staging / EXPORT_DIR, source_run=run.uri, checkpoint_uri=best.uri,
+                                       merge=merge)
         run.upload(export_dir, EXPORT_DIR)
     return run.child(EXPORT_DIR)
 

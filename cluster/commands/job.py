@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from cluster.errors import JobSpecError, Problem
@@ -27,6 +28,8 @@ def register(commands) -> None:
 
     export = commands.add_parser("export", help="re-export a run's best checkpoint to RUN_DIR/export")
     export.add_argument("run_dir")
+    export.add_argument("--merge", action="store_true",
+                        help="fold a LoRA or IA3 adapter into its base: a plain model that pipeline() loads without peft")
     export.set_defaults(handler=_export)
 
 
@@ -100,7 +103,6 @@ def _register(spec, export_dir: str) -> int:
     if not spec.serve.register_with:
         return 0
     import os
-    import sys
 
     from serving.client import RegistrationError, register_export
 
@@ -132,5 +134,9 @@ def _export(args) -> int:
     except (StorageError, OSError) as err:
         raise JobSpecError([Problem(path="run_dir", message=str(err), value=args.run_dir)], "export") from None
     spec = validate_job(data, source=f"{run.uri}/{JOB_FILE}", check_data=False)
-    print(export_run(run, spec).uri)
+    try:
+        print(export_run(run, spec, merge=args.merge).uri)
+    except ValueError as err:  # --merge for a method that has nothing to fold in (prompt tuning, full)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0

@@ -134,6 +134,34 @@ def test_merged_and_unmerged_agree(method, tiny64, tmp_path):
     torch.testing.assert_close(merged, unmerged, atol=1e-4, rtol=1e-4)
 
 
+def test_export_command_merges_a_runs_adapter(tiny64, tmp_path, capsys):
+    """`tunefleet export RUN --merge`: the run's LoRA folded into a plain model the standard pipeline loads."""
+    import yaml
+    from transformers import pipeline
+
+    from cluster.cli import main
+    from training.layout import CHECKPOINTS_DIR, JOB_FILE
+
+    model_dir, data, tokenizer = tiny64
+    for method, step in (({"name": "lora"}, 3), ({"name": "prompt-tuning", "num_virtual_tokens": 4}, 0)):
+        run = tmp_path / method["name"]
+        spec = _spec(model_dir, data, tmp_path, method)
+        run.mkdir()
+        (run / JOB_FILE).write_text(yaml.safe_dump(spec.dump()))
+        torch.manual_seed(0)
+        model = build_training_model(spec, LABELS)
+        optimizer = _train_steps(model, tokenizer(["good film", "bad film"], return_tensors="pt", padding=True))
+        save_shard(run / CHECKPOINTS_DIR / "checkpoint_1", 0, 1, model, optimizer, get_scheduler("constant", optimizer),
+                   TrainState(step=step), {"accuracy": 1.0}, extra={"labels": LABELS})
+    assert main(["export", str(tmp_path / "lora"), "--merge"]) == 0
+    export = tmp_path / "lora" / "export"
+    assert capsys.readouterr().out.splitlines()[-1].endswith(str(export))
+    assert (export / "model.safetensors").is_file() and not (export / "adapter_config.json").exists()
+    assert pipeline("text-classification", model=str(export))("good film")[0]["label"] in LABELS
+    assert main(["export", str(tmp_path / "prompt-tuning"), "--merge"]) == 2
+    assert "error: method prompt-tuning cannot be merged into its base" in capsys.readouterr().err
+
+
 def test_merge_refused_where_undefined(tiny64, tmp_path):
     model_dir, data, tokenizer = tiny64
     spec = _spec(model_dir, data, tmp_path, {"name": "prompt-tuning", "num_virtual_tokens": 4})

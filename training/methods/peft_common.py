@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+
+# peft asks every model it wraps for `is_gradient_checkpointing`, which transformers 5 deprecates in favour of
+# `is_activation_checkpointing`: a FutureWarning in each PEFT run's output that only peft can act on.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 PEFT_TASK_TYPES = {
     "text-classification": "SEQ_CLS",
