@@ -56,19 +56,19 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
     # Short path: Ray's unix sockets live under the temp dir (path length is limited).
     temp_dir = tempfile.mkdtemp(prefix="tfray-", dir="/tmp")
-    ray.init(
-        num_cpus=num_cpus or os.cpu_count(),
-        # Off: its processes cost training ~2.5% on 2 cores (docs/performance.md). Without it Ray's
-        # state API is down, and Ray Train's placement-group cleaner (which asks it whether the
-        # controller lives) would warn in the terminal every few seconds: every worker quiets that logger.
-        include_dashboard=False,
-        runtime_env={"worker_process_setup_hook": "cluster.runtime.quiet_worker_logs"},
-        _temp_dir=temp_dir,
-        log_to_driver=True,
-        configure_logging=True,
-        logging_level="WARNING",
-    )
-    try:
+    try:  # a Ray that fails to start (a bad token, a port taken) leaves nothing of its own behind either
+        ray.init(
+            num_cpus=num_cpus or os.cpu_count(),
+            # Off: its processes cost training ~2.5% on 2 cores (docs/performance.md). Without it Ray's
+            # state API is down, and Ray Train's placement-group cleaner (which asks it whether the
+            # controller lives) would warn in the terminal every few seconds: every worker quiets that logger.
+            include_dashboard=False,
+            runtime_env={"worker_process_setup_hook": "cluster.runtime.quiet_worker_logs"},
+            _temp_dir=temp_dir,
+            log_to_driver=True,
+            configure_logging=True,
+            logging_level="WARNING",
+        )
         yield
     finally:
         ray.shutdown()

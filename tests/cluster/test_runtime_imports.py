@@ -22,3 +22,19 @@ def test_the_package_still_offers_the_job_spec():
     from cluster.spec import JobSpec, load_job
 
     assert cluster.JobSpec is JobSpec and cluster.load_job is load_job
+
+
+def test_a_private_ray_that_fails_to_start_leaves_no_temp_dir():
+    """Each failed start left its /tmp/tfray-* behind (an impossible CPU count stands in for any failure)."""
+    code = ("import os, tempfile\n"
+            "from cluster import runtime\n"
+            "made, real = [], tempfile.mkdtemp\n"
+            "runtime.tempfile.mkdtemp = lambda *a, **k: made.append(real(*a, **k)) or made[-1]  # records it\n"
+            "try:\n"
+            "    with runtime.ray_session(num_cpus=-1):\n"
+            "        pass\n"
+            "except ValueError as err:\n"
+            "    print('refused' if 'nonnegative' in str(err) else err)\n"
+            "print(made[0].startswith('/tmp/tfray-'), os.path.exists(made[0]))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["refused", "True", "False"], out.stdout + out.stderr[-2000:]
