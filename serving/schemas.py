@@ -38,9 +38,8 @@ def _non_empty(value: str) -> str:
 UnicodeText = Annotated[StrictStr, AfterValidator(_valid_unicode)]  # may be empty (a chat turn)
 Text = Annotated[StrictStr, AfterValidator(_non_blank)]
 # A causal LM's stop texts: whitespace is a text here ("\n\n", the usual one); only "" (found everywhere) is not.
-StopTexts = Union[Annotated[StrictStr, AfterValidator(_non_empty)],
-                  Annotated[list[Annotated[StrictStr, AfterValidator(_non_empty)]], Field(min_length=1, max_length=4)],
-                  None]
+StopText = Annotated[StrictStr, AfterValidator(_non_empty)]
+StopTexts = Union[StopText, Annotated[list[StopText], Field(min_length=1, max_length=4)], None]
 
 
 class TextPair(BaseModel):

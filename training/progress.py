@@ -103,7 +103,7 @@ class _Progress:
 
     def evaluated(self, metrics: dict[str, float], metric_name: str, best: bool) -> None:
         if metric_name in metrics:
-            self.metric = f"{metric_name} {metrics[metric_name]:.4f}"
+            self.metric = _metrics_text({metric_name: metrics[metric_name]}, metric_name)
 
     def close(self) -> None:
         pass
