@@ -28,7 +28,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import httpx
 from ray import serve
@@ -262,15 +262,39 @@ def shutdown() -> None:
     serve.shutdown()
 
 
-def _wait_for_signal() -> None:
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        while not stop.wait(1):
-            pass
-    finally:
-        for sig, handler in previous.items():
+class _StopSignals:
+    """SIGINT/SIGTERM for a blocking server, from before the start to the end.
+
+    While the server starts, a signal aborts the start (KeyboardInterrupt: the caller's Ray session
+    cleans up); once it serves, a signal asks for the graceful stop. The handlers are installed even
+    where SIGINT came in ignored (a shell's background job, `nohup`, a script's child): the server
+    documents SIGINT as its stop, and a start that swallowed it kept serving until killed.
+    """
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.serving = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if not self.serving:
+            raise KeyboardInterrupt(f"{signal.Signals(signum).name} while the server was starting")
+        if self.stop.is_set():  # a second signal while draining: stop now, as a second Ctrl-C does
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name} while draining")
+        self.stop.set()
+
+    def __enter__(self) -> "_StopSignals":
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+    def wait(self) -> None:
+        self.serving = True
+        while not self.stop.wait(1):
+            pass
 
 
 def serve_exports(
@@ -284,6 +308,22 @@ def serve_exports(
     plan: ServePlan | None = None,
 ) -> RunningServer:
     """Serve exports at http://host:port until SIGINT/SIGTERM (block=True), or return the running server."""
+    if not block:
+        return _start_and_announce(export_dirs, names, host, port, settings, ingress, plan)
+    with _StopSignals() as signals:
+        try:
+            server = _start_and_announce(export_dirs, names, host, port, settings, ingress, plan)
+        except KeyboardInterrupt:
+            print("tunefleet: stopped while starting; removing what was deployed", flush=True)
+            shutdown()  # on a cluster given by --address; a private Ray goes with the session anyway
+            raise
+        signals.wait()
+        print("tunefleet: draining in-flight requests, then stopping", flush=True)
+        server.shutdown()
+    return server
+
+
+def _start_and_announce(export_dirs, names, host, port, settings, ingress, plan) -> RunningServer:
     server = start_server(export_dirs, names, host=host, port=port, settings=settings, ingress=ingress, plan=plan)
     print(f"tunefleet serving {len(server.models) + len(server.adapters)} models at {server.url}", flush=True)
     for model in server.models:
@@ -293,8 +333,4 @@ def serve_exports(
               f"{adapter.pool})", flush=True)
     print(f"  POST {server.url}/v1/registrations  (add an adapter: tunefleet serve add RUN --endpoint {server.url})",
           flush=True)
-    if block:
-        _wait_for_signal()
-        print("tunefleet: draining in-flight requests, then stopping", flush=True)
-        server.shutdown()
     return server
