@@ -83,7 +83,7 @@ def _predict(args) -> int:
     given = {} if args.top_k is None else {"top_k": args.top_k}
     try:
         if _is_image_export(args.export_dir):  # image files → base64, as an HTTP client sends them
-            inputs = [base64.b64encode(Path(name).read_bytes()).decode() for name in args.inputs]
+            inputs = [base64.b64encode(_image_bytes(name, i)).decode() for i, name in enumerate(args.inputs)]
         else:
             inputs = [{"text": t.split("|||")[0].strip(), "text_pair": t.split("|||")[1].strip()} if "|||" in t
                       else t for t in args.inputs]
@@ -96,6 +96,15 @@ def _predict(args) -> int:
         return 2
     print(json.dumps(predictions, indent=2))
     return 0
+
+
+def _image_bytes(name: str, index: int) -> bytes:
+    path = Path(name)
+    if not path.is_file():
+        why = "is a directory" if path.is_dir() else "is not a file"
+        raise ValueError(f"inputs[{index}] {name!r} {why}: this export classifies images, so each input is the "
+                         "path of an image file")
+    return path.read_bytes()
 
 
 def _is_image_export(export_dir: str) -> bool:

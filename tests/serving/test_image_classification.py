@@ -138,3 +138,7 @@ def test_predict_command_reads_image_files(torchvision_export, tmp_path, capsys)
     assert main(["predict", str(torchvision_export), str(picture), "--top-k", "2"]) == 0
     ranked = json.loads(capsys.readouterr().out)
     assert len(ranked) == 1 and len(ranked[0]) == 2 and {p["label"] for p in ranked[0]} <= set(LABELS)
+    # A text or a folder given to an image model: one line naming the input and what to give instead.
+    for wrong, why in (("a red square", "is not a file"), (str(tmp_path), "is a directory")):
+        assert main(["predict", str(torchvision_export), str(picture), wrong]) == 2
+        assert f"inputs[1] {wrong!r} {why}: this export classifies images" in capsys.readouterr().err
