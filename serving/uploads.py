@@ -4,8 +4,8 @@
     curl --data-binary @ant.jpg -H "Content-Type: image/jpeg" "http://127.0.0.1:8000/v1/models/NAME/predict/upload?top_k=2"
 
 Every file part of a multipart form is one input, in order (any field name). Parameters come
-as form fields (`top_k=2`, or `parameters={"top_k": 2}` as JSON), or as query parameters for
-a raw body. A handler opts in by defining `prepare_upload(files, parameters)`.
+as query parameters (`?top_k=2`) and, in a form, as fields too (`top_k=2`, or `parameters={"top_k": 2}`
+as JSON; a field wins over the query). A handler opts in by defining `prepare_upload(files, parameters)`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ UPLOAD_OPENAPI: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "description": "Image files as a multipart form (each file part one input, in order; parameters as "
-                       "form fields such as top_k=2), or one image as the raw body with parameters in the query.",
+                       "form fields such as top_k=2, or in the query), or one image as the raw body with parameters in the query.",
         "content": {
             "multipart/form-data": {"schema": {"type": "object", "properties": {
                 "file": {"type": "array", "items": {"type": "string", "format": "binary"}},
@@ -77,7 +77,8 @@ async def read_upload(request: Request, max_bytes: int, max_files: int) -> tuple
                     fields.append((key, value))
         finally:
             await form.close()
-        return files, _parameters(fields)
+        # The query counts here too: `curl -F file=@a.jpg "...upload?top_k=2"` is how clients write it.
+        return files, _parameters([*request.query_params.multi_items(), *fields])
     if content_type.startswith(RAW_TYPES):
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_bytes:

@@ -134,6 +134,9 @@ def test_train_export_load_serve(tmp_path, tiny_vit):
                 raw = client.post("/v1/models/squares-cnn/predict/upload", content=red.read_bytes(),
                                   headers={"content-type": "image/png"})
                 assert raw.status_code == 200 and raw.json()["predictions"][0][0]["label"] == "red", raw.text
+                query = client.post("/v1/models/squares-cnn/predict/upload?top_k=2",  # a form's parameters in the query
+                                    files={"file": ("r.png", red.read_bytes(), "image/png")})
+                assert query.status_code == 200 and len(query.json()["predictions"][0]) == 2, query.text
 
                 url = "/v1/models/squares-cnn/predict"
                 not_image = client.post(url, json={"inputs": base64.b64encode(b"%PDF-1.4 not an image").decode()})
