@@ -138,6 +138,7 @@ def build_root_app(
     install_guard(api, settings, "", admission=False)  # answers from memory: no queue of its own
     cards = ModelList(models=[m.card() for m in models]).model_dump()
     names = sorted(m.name for m in models)
+    routed = {m.name: m for m in models if m.route}  # on a route of their own: /v1/models/<name> is not theirs
     # POST /v1/completions and /v1/chat/completions, forwarded to the named model's app.
     install_openai_routes(api, models, {m.name for m in models if hasattr(HANDLERS.get(m.info.task), "openai_prepare")})
     if extra_routes is not None:  # adapters and registrations (serving/registration.py); first match wins
@@ -163,6 +164,8 @@ def build_root_app(
             if not MODEL_NAME.match(name):  # e.g. "..", "%2e%2e", a 10 kB name: say what a name is, echo little
                 raise ServingError(400, f"invalid model name {name[:64]!r}: a name is 1-100 letters, digits, "
                                         "'.', '_' or '-', starting with a letter or digit", {"models": names})
+            if name in routed:
+                raise routed[name].served_elsewhere()
             raise ServingError(404, f"unknown model {name!r}; served models: {', '.join(names)}", {"models": names})
 
         @api.get("/metrics", response_class=PlainTextResponse, responses={503: {"model": ErrorBody}})

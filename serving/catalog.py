@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serving import model_store
+from serving.errors import ServingError
 from serving.handlers import HANDLERS
 from serving.pools import MODEL_NAME, NAME_RULE  # a name is one URL path segment and a Serve application name
 from serving.schemas import ModelCard
@@ -24,6 +25,11 @@ class ServedModel:
     @property
     def route_prefix(self) -> str:
         return self.route or f"/v1/models/{self.name}"
+
+    def served_elsewhere(self) -> ServingError:
+        """The 404 for /v1/models/<name>/... when this model has a route of its own: where to send it instead."""
+        return ServingError(404, f"model {self.name!r} is served at {self.route_prefix}: POST {self.route_prefix}"
+                                 "/predict", {"route": self.route_prefix})
 
     def card(self) -> ModelCard:
         return ModelCard(

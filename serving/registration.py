@@ -165,8 +165,7 @@ def install_adapter_routes(
             if found is None:
                 cache.pop(name, None)
                 if name in full:  # a full model on its own route (a serve file's `route`)
-                    route = full[name].route_prefix
-                    raise ServingError(404, f"model {name!r} is served at {route}/predict", {"route": route})
+                    raise full[name].served_elsewhere()
                 raise ServingError(404, f"unknown model {name!r}; served models: {', '.join(known_names())}",
                                    {"models": known_names()})
             held = (AdapterEntry.from_json(found), time.monotonic())

@@ -93,8 +93,12 @@ def test_one_endpoint_lists_and_serves_every_model(client: httpx.Client, tiny_te
 
     full = client.post("/sentiment/predict", json={"inputs": TEXTS})
     assert full.status_code == 200 and full.json()["model"] == "tiny-sentiment"
-    moved = client.post("/v1/models/tiny-sentiment/predict", json={"inputs": "x"})
-    assert moved.status_code == 404 and "/sentiment/predict" in moved.json()["error"]
+    for moved in (client.post("/v1/models/tiny-sentiment/predict", json={"inputs": "x"}),  # its own route says where
+                  client.post("/v1/models/tiny-sentiment/predict/upload", json={"inputs": "x"}),
+                  client.get("/v1/models/tiny-sentiment/")):
+        assert moved.status_code == 404 and moved.json() == {
+            "error": "model 'tiny-sentiment' is served at /sentiment: POST /sentiment/predict",
+            "detail": {"route": "/sentiment"}}, moved.text
 
     answers = {}
     for name in ("alpha", "beta", "alpha"):  # back and forth over the same base replicas
