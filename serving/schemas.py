@@ -43,12 +43,15 @@ StopTexts = Union[StopText, Annotated[list[StopText], Field(min_length=1, max_le
 
 
 class TextPair(BaseModel):
-    """One input of a sentence-pair task (NLI, paraphrase): `text` and `text_pair`."""
+    """One input as an object: `text`, and `text_pair` for a sentence-pair task (NLI, paraphrase).
+
+    `{"text": "..."}` alone is a single text, as `transformers.pipeline("text-classification")` takes it.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     text: Text
-    text_pair: Text
+    text_pair: Text | None = None
 
 
 def _kind(value: Any) -> str | None:

@@ -163,7 +163,8 @@ CORPUS: list[tuple[str, str, str, dict[str, Any], int, str]] = [
     ("10 MB chunked, no Content-Length", "POST", TEXT, {"content": "chunks"}, 413, "more than"),
     ("too many inputs", "POST", TEXT, {"json": {"inputs": ["a"] * 9}}, 413, "too many inputs"),
     ("10,000 inputs", "POST", TEXT, {"json": {"inputs": ["a"] * 10_000}}, 413, "too many inputs"),
-    ("pair missing text_pair", "POST", TEXT, {"json": {"inputs": [{"text": "a"}]}}, 422, "text_pair"),
+    ("object missing text", "POST", TEXT, {"json": {"inputs": [{"text_pair": "b"}]}}, 422,
+     "inputs[0].text: Field required"),
     # wrong content types and methods
     ("text/plain body", "POST", TEXT, {"content": b"classify me", "headers": {"content-type": "text/plain"}},
      415, "unsupported content type 'text/plain'"),

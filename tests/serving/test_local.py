@@ -39,6 +39,8 @@ def test_batch_pairs_and_top_k(tiny_export: Path) -> None:
         _assert_ranked(prediction, 2)
         assert sum(p["score"] for p in prediction) == pytest.approx(1, abs=1e-5)
     assert len(predict_local(tiny_export, ["good"], top_k=5)[0]) == 2  # more than there are: all
+    # {"text": ...} alone is a single text, as transformers' pipeline takes it
+    assert predict_local(tiny_export, [{"text": "good"}], top_k=None) == predict_local(tiny_export, "good", top_k=None)
     # A run directory works too (its export/ is found), and agrees with the export itself.
     run_dir = tiny_export.parent / "run"
     if not run_dir.exists():
@@ -63,7 +65,7 @@ def test_batched_and_single_scores_agree(tiny_export: Path) -> None:
         ([], 1, 422, "at least one input"),
         ([1], 1, 422, "inputs[0]: each input must be a text"),
         (5, 1, 422, "inputs must be a text, a list of texts"),
-        ([{"text": "a"}], 1, 422, "inputs[0].text_pair: Field required"),
+        ([{"text_pair": "b"}], 1, 422, "inputs[0].text: Field required"),
         (["ok", "  "], 1, 422, "inputs[1]: must be a non-empty text"),
         ("fine", 0, 422, "parameters.top_k"),
         (["x" * 100_001], 1, 413, "too long"),
@@ -86,8 +88,9 @@ def test_a_model_trained_on_pairs_refuses_a_lone_text_and_the_other_way_round(ti
     if not pairs:
         right, wrong = wrong, right
     assert len(predict_local(export, [right, right])) == 2
-    with pytest.raises(ServingError) as caught:
-        predict_local(export, [right, wrong])
+    for other in (wrong, {"text": "a"}) if pairs else (wrong,):  # an object without text_pair is a single text
+        with pytest.raises(ServingError) as caught:
+            predict_local(export, [right, other])
     assert caught.value.status == 422
     assert caught.value.error == (
         'input 1 is a single text, but this model was trained on sentence pairs: send {"text": ..., "text_pair": ...}'
