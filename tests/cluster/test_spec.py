@@ -89,6 +89,18 @@ def test_hub_ids_are_left_alone(workdir):
     assert spec.model.path == "bert-base-uncased" and spec.data.train == "glue"
 
 
+@pytest.mark.parametrize("task", ["text-classification", "causal-lm"])
+def test_an_unreachable_hub_dataset_is_one_problem_not_one_per_split(workdir, monkeypatch, task):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no hub here: fails at once (online, each read retries for ~25 s)
+    job = good_job() | {"task": task}
+    job["data"] = {"train": "tunefleet-test/no-such-dataset", "validation_split": "test",
+                   "columns": {"text": "text"} | ({"label": "label"} if task == "text-classification" else {})}
+    with pytest.raises(JobSpecError) as caught:
+        validate_job(job)
+    [problem] = caught.value.problems
+    assert problem.path == "data.train" and problem.message.startswith("cannot read tunefleet-test/no-such-dataset")
+
+
 def test_spec_is_frozen(workdir):
     spec = validate_job(good_job())
     with pytest.raises(ValidationError):

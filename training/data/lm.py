@@ -81,13 +81,14 @@ def check_lm_data(spec: Any) -> list[tuple[str, str, Any]]:
         train, validation = sources(spec)
     except DataError as err:
         return list(err.problems)
-    formats = set()
+    formats, unreadable = set(), set()
     for key, source in (("data.train", train), ("data.validation", validation)):
-        if source is None:
+        if source is None or source.location in unreadable:  # a hub id's other split: said once, not retried
             continue
         try:
             available = _columns(source)
         except Exception as err:  # an unreadable file or an unreachable hub id
+            unreadable.add(source.location)
             problems.append((key, f"cannot read {source.location}: {err}", None))
             continue
         kind = resolve_format(spec, source, available)

@@ -55,10 +55,14 @@ def check_columns(spec: Any) -> list[tuple[str, str, Any]]:
         sources = [s for s in _sources(spec) if s is not None]
     except DataError as err:
         return list(err.problems)
+    unreadable = set()
     for source in sources:
+        if source.location in unreadable:  # a hub id's other split: said once, not retried (~25 s each)
+            continue
         try:
             available = read_columns(source)
         except Exception as err:  # an unreadable file or an unreachable hub id
+            unreadable.add(source.location)
             problems.append(("data.train" if source.location == spec.data.train else "data.validation",
                              f"cannot read {source.location}: {err}", None))
             continue
