@@ -101,6 +101,21 @@ def test_an_unreachable_hub_dataset_is_one_problem_not_one_per_split(workdir, mo
     assert problem.path == "data.train" and problem.message.startswith("cannot read tunefleet-test/no-such-dataset")
 
 
+def test_a_model_that_cannot_be_loaded_is_one_problem_at_model(workdir, monkeypatch):
+    """What `tunefleet train` reports (exit 2) instead of a traceback, before any worker starts."""
+    from training.data.tables import DataError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    prepare = TASKS.get("text-classification").prepare
+    for model, why in (("./model", "the folder has no config.json: give a folder that save_pretrained() wrote"),
+                       ("tunefleet-test/no-such-model", "")):
+        spec = validate_job(good_job() | {"model": model})
+        with pytest.raises(DataError) as caught:
+            prepare(spec)
+        [(key, message, _)] = caught.value.problems
+        assert key == "model" and message.startswith(f"cannot load {spec.model.path}: {why}"), message
+
+
 def test_spec_is_frozen(workdir):
     spec = validate_job(good_job())
     with pytest.raises(ValidationError):

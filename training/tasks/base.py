@@ -7,12 +7,41 @@ module. The training loop, the checkpoint and the export only ever call these.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import pyarrow as pa
 
+from training.data.tables import DataError
 from training.losses import build_loss, sequence_argmax
+
+
+def reads_the_model(build_processor: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """A task's `build_processor`, with a model it cannot read (an unreachable or misspelled hub id, a folder
+    without the model's files) reported as one problem at `model`, like a job file's, not as a traceback.
+
+    The processor is the first thing a run loads from `model`, on the driver, before any worker starts:
+    transformers raises OSError for a hub id it cannot reach or find, and ValueError for a folder it
+    cannot make a tokenizer of."""
+
+    @functools.wraps(build_processor)
+    def build(spec: Any) -> Any:
+        try:
+            return build_processor(spec)
+        except DataError:
+            raise
+        except (OSError, ValueError) as err:
+            folder = Path(spec.model.path)
+            if folder.is_dir() and not (folder / "config.json").is_file() and not spec.model.gguf_file:
+                why = ("the folder has no config.json: give a folder that save_pretrained() wrote (config.json, "
+                       "the weights and the tokenizer's files), or a hub id")
+            else:
+                why = str(err)
+            raise DataError([("model", f"cannot load {spec.model.path}: {why}", None)]) from None
+
+    return build
 
 
 @dataclass(frozen=True)

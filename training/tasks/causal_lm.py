@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from training.data.lm import check_lm_data, prepare_lm, sample_prompts
 from training.data.prompts import prepare_tokenizer
-from training.tasks.base import PreparedData, TaskDefinition
+from training.tasks.base import PreparedData, TaskDefinition, reads_the_model
 from training.tasks.registry import TASKS
 
 NAME = "causal-lm"
@@ -37,6 +37,7 @@ def _check_spec(spec: Any) -> list[tuple[str, str, Any]]:
     return problems
 
 
+@reads_the_model
 def _build_processor(spec: Any):
     from transformers import AutoTokenizer
 

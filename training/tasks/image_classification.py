@@ -23,7 +23,7 @@ from training.data.images import (BadImageError, ImageExamples, find_bad_images,
                                   read_image_table)
 from training.data.labels import build_label_map, read_label_names
 from training.data.tables import DataError, Source, detect_format
-from training.tasks.base import PreparedData, TaskDefinition, save_pretrained
+from training.tasks.base import PreparedData, TaskDefinition, reads_the_model, save_pretrained
 from training.tasks.registry import TASKS
 from training.tasks.text_classification import _compute_metrics as classification_metrics
 from training.tasks.torchvision_models import (TorchvisionClassifier, architecture_of, build_torchvision_classifier,
@@ -167,6 +167,7 @@ def _weights(spec: Any, arch: str) -> str:
     return spec.model.weights or default_weights_url(arch)
 
 
+@reads_the_model
 def _build_processor(spec: Any) -> ImageProcessing:
     arch = architecture_of(spec.model.path)
     if arch is not None:

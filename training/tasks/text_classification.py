@@ -8,7 +8,7 @@ import numpy as np
 
 from training.data.labels import build_label_map, declared_label_names
 from training.data.tables import DataError, Source, detect_format, load_table, read_columns, seeded_subset
-from training.tasks.base import PreparedData, TaskDefinition
+from training.tasks.base import PreparedData, TaskDefinition, reads_the_model
 from training.tasks.registry import TASKS
 
 NAME = "text-classification"
@@ -187,6 +187,7 @@ def _prepare_streaming(spec: Any) -> PreparedData:
                         notes={"train_rows": sum(counts), "streaming": True})
 
 
+@reads_the_model
 def _build_processor(spec: Any):
     from transformers import AutoTokenizer
 

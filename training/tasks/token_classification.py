@@ -19,7 +19,7 @@ from training.data.labels import read_label_names
 from training.data.tables import DataError, seeded_subset
 from training.data.tagging import OUTSIDE, check_scheme, detect_scheme, iob1_to_iob2, label_list, split_tag, subtoken_tags, training_scheme
 from training.layout import ENTITY_REPORT_FILE
-from training.tasks.base import PreparedData, TaskDefinition
+from training.tasks.base import PreparedData, TaskDefinition, reads_the_model
 from training.tasks.registry import TASKS
 
 NAME = "token-classification"
@@ -155,6 +155,7 @@ def _prepare(spec: Any) -> PreparedData:
                         labels=labels, label_counts=counts)
 
 
+@reads_the_model
 def _build_processor(spec: Any):
     from transformers import AutoTokenizer
 
