@@ -82,7 +82,37 @@ def _begin(args):
     spec = load_job(args.job, args.overrides)
     storage = _storage(spec.output.storage, args.job)
     run_id = args.run_id or new_run_id()
+    if args.run_id:
+        _refuse_a_changed_resume(spec, storage, run_id, args.job)
     return spec, run_id, storage, begin_run(spec, run_id, storage)
+
+
+# What a run's checkpoints are made of: a resume with one of these changed cannot load them (it failed in
+# the workers, after the cluster's start, with a traceback). Steps, learning rate, workers may change, and
+# so may `model`: the same weights may sit at another path on another cluster.
+_FIXED_ON_RESUME = {"task": lambda v: v, "method": lambda v: v.get("name")}
+
+
+def _refuse_a_changed_resume(spec, storage, run_id: str, source: str) -> None:
+    import yaml
+
+    from training.checkpoint import complete_checkpoints
+    from training.layout import CHECKPOINTS_DIR, JOB_FILE
+
+    run = storage.child(spec.name, run_id)
+    if not run.exists(JOB_FILE) or not complete_checkpoints(run.child(CHECKPOINTS_DIR)):
+        return
+    saved, now = yaml.safe_load(run.read_text(JOB_FILE)) or {}, spec.dump()
+    problems = []
+    for key, brief in _FIXED_ON_RESUME.items():
+        if key in saved and saved[key] != now[key]:
+            before, after = brief(saved[key]), brief(now[key])
+            said = f"{before!r}" if before != after else f"{before!r} with other options"
+            problems.append(Problem(path=key, value=after if before != after else None, message=(
+                f"run {run_id} has checkpoints of {key} {said}, and a run resumes with what it began with: "
+                f"restore {key}, or train a new run (another --run-id)")))
+    if problems:
+        raise JobSpecError(problems, source)
 
 
 def _run(args, spec, run_id: str, storage, start):

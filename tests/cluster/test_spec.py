@@ -385,3 +385,30 @@ def test_train_command_with_a_bad_job_exits_2_with_the_same_message_and_leaves_n
     assert f"error: {path}: 1 problem" in done.stderr
     assert "train.epochs: input should be greater than or equal to 1 (got 0)" in done.stderr
     assert "Traceback" not in done.stderr and not (workdir / "runs").exists()
+
+
+def test_resuming_a_run_with_another_task_or_method_is_refused_before_any_worker(workdir):
+    """A run's checkpoints hold its method's weights: resumed as another method they cannot load (that failed
+    in the workers with a traceback). Steps, learning rate and the model's path may change."""
+    from cluster.commands.job import _refuse_a_changed_resume
+    from training.storage import StorageDir
+
+    began = validate_job(good_job())
+    storage = StorageDir.local(workdir / "runs")
+    run = workdir / "runs" / began.name / "r1"
+    (run / "checkpoints" / "checkpoint_1" / "rank_00000").mkdir(parents=True)
+    for name in ("trainer_state.pt", "model.safetensors"):
+        (run / "checkpoints" / "checkpoint_1" / "rank_00000" / name).write_bytes(b"x")
+    (run / "checkpoints" / "checkpoint_1" / "manifest.json").write_text('{"shards": ["rank_00000"], "step": 5}')
+    (run / "job.yaml").write_text(yaml.safe_dump(began.dump(), sort_keys=False))
+
+    longer = good_job()
+    longer["train"] |= {"max_steps": 50, "learning_rate": 1.0e-4}
+    _refuse_a_changed_resume(validate_job(longer), storage, "r1", "job.yaml")  # no error
+    with pytest.raises(JobSpecError) as caught:
+        _refuse_a_changed_resume(validate_job(good_job() | {"method": {"name": "lora"}}), storage, "r1", "job.yaml")
+    [problem] = caught.value.problems
+    assert problem.path == "method" and problem.value == "lora"
+    assert problem.message.startswith("run r1 has checkpoints of method 'full', and a run resumes with what it began")
+    (run / "checkpoints" / "checkpoint_1" / "manifest.json").unlink()  # no checkpoint yet: nothing to load, no rule
+    _refuse_a_changed_resume(validate_job(good_job() | {"method": {"name": "lora"}}), storage, "r1", "job.yaml")
