@@ -153,6 +153,7 @@ def _export(args) -> int:
 
     from cluster.spec import validate_job
     from cluster.storage import StorageError, resolve_storage
+    from training.checkpoint import IncompleteCheckpointError
     from training.layout import JOB_FILE
     from training.run import export_run
 
@@ -168,5 +169,9 @@ def _export(args) -> int:
         print(export_run(run, spec, merge=args.merge).uri)
     except ValueError as err:  # --merge for a method that has nothing to fold in (prompt tuning, full)
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except IncompleteCheckpointError as err:  # a run stopped before its first checkpoint
+        print(f"error: {err}; train the run first (`tunefleet train JOB --run-id {run.name}` resumes it)",
+              file=sys.stderr)
         return 2
     return 0

@@ -4,6 +4,8 @@ combinations that make no sense are refused at validation with the methods that 
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -160,6 +162,11 @@ def test_export_command_merges_a_runs_adapter(tiny64, tmp_path, capsys):
     assert pipeline("text-classification", model=str(export))("good film")[0]["label"] in LABELS
     assert main(["export", str(tmp_path / "prompt-tuning"), "--merge"]) == 2
     assert "error: method prompt-tuning cannot be merged into its base" in capsys.readouterr().err
+    # A run stopped before its first checkpoint: one line, what to do
+    shutil.rmtree(tmp_path / "prompt-tuning" / CHECKPOINTS_DIR)
+    assert main(["export", str(tmp_path / "prompt-tuning")]) == 2
+    assert capsys.readouterr().err.endswith("no complete checkpoint to export; train the run first "
+                                            "(`tunefleet train JOB --run-id prompt-tuning` resumes it)\n")
 
 
 def test_merge_refused_where_undefined(tiny64, tmp_path):
