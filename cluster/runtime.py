@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -69,7 +71,27 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
             configure_logging=True,
             logging_level="WARNING",
         )
-        yield
+        with _sigterm_as_exit():
+            yield
     finally:
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signal.SIGTERM)
+
+
+@contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """SIGTERM (`kill`, `timeout`, a process supervisor) ends the command through its finally blocks, as
+    Ctrl-C does, so the private Ray stops and its temp dir goes. The handler ray.init installs for the
+    driver logs a stack and kills the process on the spot, which left /tmp/tfray-* behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)

@@ -38,3 +38,31 @@ def test_a_private_ray_that_fails_to_start_leaves_no_temp_dir():
             "print(made[0].startswith('/tmp/tfray-'), os.path.exists(made[0]))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["refused", "True", "False"], out.stdout + out.stderr[-2000:]
+
+
+def test_sigterm_stops_a_private_ray_and_removes_its_temp_dir():
+    """`kill`/`timeout` on a command: Ray's own driver handler died on the spot, leaving /tmp/tfray-* behind."""
+    import glob
+    import signal
+
+    code = ("import time\n"
+            "from cluster import runtime\n"
+            "with runtime.ray_session(num_cpus=1):\n"
+            "    print('up', flush=True)\n"
+            "    time.sleep(120)\n")
+    process = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        seen = []
+        for line in process.stdout:  # Ray's own lines first (a token-auth warning)
+            seen.append(line)
+            if line.strip() == "up":
+                break
+        assert seen and seen[-1].strip() == "up", "".join(seen)
+        [temp_dir] = [str(Path(d).parent) for d in glob.glob(f"/tmp/tfray-*/session_*_{process.pid}")]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        process.kill()
+    assert not Path(temp_dir).exists()
+    assert "SIGTERM received" not in process.stdout.read()  # Ray's stack dump on the way down
