@@ -24,6 +24,7 @@ from ray.train.torch import TorchTrainer
 
 from training import streaming
 from training.checkpoint import IncompleteCheckpointError, complete_checkpoints
+from training.data.tables import DataError
 from training.export import export_checkpoint
 from training.layout import BEST_CHECKPOINT_FILE, CHECKPOINTS_DIR, EXPORT_DIR, JOB_FILE, METRICS_FILE, REPORT_DIR
 from training.progress import quiet_library_bars
@@ -117,6 +118,12 @@ def _train_export_report(spec: Any, run: StorageDir, prepared: Any, tracker: Exp
     # The driver logs rank 0's metrics to the tracker where it can read them as they are written.
     tracker_on_driver = run.local_path is not None and _one_node_here()
     cpus = spec.scale.cpus_per_worker or _cpus_per_worker(spec, prepared)
+    if _ray_started_here():  # its resources are this machine's and never grow: a group too big never starts
+        resources = ray.cluster_resources()
+        problems = local_capacity_problems(spec.scale.workers, cpus, use_gpu, resources.get("CPU", 0),
+                                           resources.get("GPU", 0))
+        if problems:
+            raise DataError(problems)
     metric, higher_is_better = selection_metric(spec)
     streamed = {} if prepared.train_stream is None else {
         "datasets": {"train": prepared.train_stream}, "dataset_config": streaming.ingest_options()}
@@ -249,6 +256,24 @@ def _ray_started_here() -> bool:
     """This process started the Ray it is connected to (cluster.runtime's private local Ray)."""
     node = getattr(ray._private.worker.global_worker, "node", None)
     return bool(getattr(node, "head", False))
+
+
+def local_capacity_problems(workers: int, cpus: float, use_gpu: bool, total_cpus: float,
+                            total_gpus: float) -> list[tuple[str, str, Any]]:
+    """A worker group that the local Ray this command started can never hold. Ray Train would wait for it
+    without end ("Requesting resources", retried every minute): on a cluster an autoscaler may add nodes,
+    here nothing will."""
+    problems = []
+    if workers * cpus > total_cpus:
+        problems.append(("scale.workers", f"{workers} workers x {cpus:g} CPU{'' if cpus == 1 else 's'} each need {workers * cpus:g} CPUs, and the "
+                         f"local Ray this command started has {total_cpus:g} (this machine's): lower scale.workers, "
+                         f"set scale.cpus_per_worker: {total_cpus / workers:g} to share them, or run on a cluster "
+                         "(--address)", workers))
+    if use_gpu and workers > total_gpus:
+        problems.append(("scale.use_gpu", f"{workers} workers need a GPU each, and this machine has {total_gpus:g}: "
+                         "lower scale.workers, set scale.use_gpu: auto (or false), or run on a cluster (--address)",
+                         True))
+    return problems
 
 
 def _cpus_per_worker(spec: Any, prepared: Any) -> float:

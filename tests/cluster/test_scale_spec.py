@@ -93,3 +93,17 @@ def test_storage_uris_resolve(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("not a directory")
     with pytest.raises(StorageError, match="cannot write to .*check the path"):
         check_writable(resolve_storage(str(tmp_path / "file" / "runs")))
+
+
+def test_a_worker_group_the_local_ray_can_never_hold_is_refused_with_the_fix():
+    """On the private local Ray, Ray Train waited without end for 4 one-CPU workers on 2 cores."""
+    from training.run import local_capacity_problems
+
+    assert local_capacity_problems(2, 1, False, total_cpus=2, total_gpus=0) == []
+    assert local_capacity_problems(4, 0.5, False, total_cpus=2, total_gpus=0) == []
+    [(key, message, value)] = local_capacity_problems(4, 1, False, total_cpus=2, total_gpus=0)
+    assert (key, value) == ("scale.workers", 4)
+    assert message.startswith("4 workers x 1 CPU each need 4 CPUs, and the local Ray this command started has 2")
+    assert "scale.cpus_per_worker: 0.5" in message
+    [(key, message, _)] = local_capacity_problems(2, 1, True, total_cpus=16, total_gpus=1)
+    assert key == "scale.use_gpu" and message.startswith("2 workers need a GPU each, and this machine has 1")
