@@ -25,7 +25,8 @@ UPLOAD_OPENAPI: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "description": "Image files as a multipart form (each file part one input, in order; parameters as "
-                       "form fields such as top_k=2, or in the query), or one image as the raw body with parameters in the query.",
+                       "form fields such as top_k=2, or in the query), or one image as the raw body with "
+                       "parameters in the query.",
         "content": {
             "multipart/form-data": {"schema": {"type": "object", "properties": {
                 "file": {"type": "array", "items": {"type": "string", "format": "binary"}},

@@ -265,7 +265,8 @@ def local_capacity_problems(workers: int, cpus: float, use_gpu: bool, total_cpus
     here nothing will."""
     problems = []
     if workers * cpus > total_cpus:
-        problems.append(("scale.workers", f"{workers} workers x {cpus:g} CPU{'' if cpus == 1 else 's'} each need {workers * cpus:g} CPUs, and the "
+        each = f"{cpus:g} CPU{'' if cpus == 1 else 's'} each"
+        problems.append(("scale.workers", f"{workers} workers x {each} need {workers * cpus:g} CPUs, and the "
                          f"local Ray this command started has {total_cpus:g} (this machine's): lower scale.workers, "
                          f"set scale.cpus_per_worker: {total_cpus / workers:g} to share them, or run on a cluster "
                          "(--address)", workers))
