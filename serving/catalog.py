@@ -7,7 +7,6 @@ from pathlib import Path
 
 from serving import model_store
 from serving.errors import ServingError
-from serving.handlers import HANDLERS
 from serving.pools import MODEL_NAME, NAME_RULE  # a name is one URL path segment and a Serve application name
 from serving.schemas import ModelCard
 from training.layout import ExportInfo
@@ -62,6 +61,8 @@ def resolve_models(export_dirs: list[str | Path], names: list[str] | None = None
         raise ValueError("no export directories given; pass at least one run's export/ directory")
     if names is not None and len(names) != len(export_dirs):
         raise ValueError(f"got {len(names)} names for {len(export_dirs)} export directories; give one name per export")
+    from serving.handlers import HANDLERS  # here: a ServedModel travels to the root replica, which needs no torch
+
     models = [load_served_model(d, names[i] if names else None) for i, d in enumerate(export_dirs)]
     problems = []
     seen: dict[str, str] = {}
