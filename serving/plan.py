@@ -2,8 +2,10 @@
 
 `make_plan` reads every export once (a local path or a storage URI), names it, and groups
 adapter exports by what they share (serving/adapters.py `PoolKey`): each group is one pool of
-base-model replicas. Every problem is collected and raised at once, each prefixed with the
-key path it came from (`models[2].export: ...`), before any Ray time is spent.
+base-model replicas. An adapter of a task no pool serves (image classification) gets an
+application of its own, as a full model does, its adapter merged over its base at load. Every
+problem is collected and raised at once, each prefixed with the key path it came from
+(`models[2].export: ...`), before any Ray time is spent.
 
 Both `tunefleet serve EXPORT...` and a serve file (serving/servefile.py) end here; the
 server (serving/server.py) and the `serve deploy` config (serving/deploy.py) start from a plan.
@@ -18,7 +20,7 @@ from serving.catalog import ServedModel, load_served_model
 from serving.config import ServeSpec
 from serving.handlers import HANDLERS
 from serving.multiplex import AdapterEntry, AdapterPool
-from serving.pools import MODEL_NAME, NAME_RULE, PoolKey, pool_app_name, pool_key
+from serving.pools import BASE_MODEL_CLASSES, MODEL_NAME, NAME_RULE, PoolKey, pool_app_name, pool_key
 
 DEFAULT_MAX_MODELS_PER_REPLICA = 8  # LoRA on a MiniLM-size base is ~1 MB: memory is rarely what limits this
 # Routes the root application answers; a model's own `route` may not shadow them.
@@ -122,7 +124,7 @@ def make_plan(
             problems.append(f"{_at(where, 'name')}: {name!r} is already the name of {seen_names[name]}; names must "
                             "be distinct")
         seen_names.setdefault(name, where)
-        if info.adapter:
+        if info.adapter and info.task in BASE_MODEL_CLASSES:  # else: its own application, like a full model
             try:
                 key = pool_key(info, adapter_config)
             except ValueError as exc:

@@ -78,6 +78,43 @@ def input_window(info: ExportInfo, tokenizer, model) -> int:
     return min(n for n in limits if n) if any(limits) else 512
 
 
+def load_model(auto_class: Any, export_dir: Path, info: ExportInfo) -> tuple[Any, bool]:
+    """The export's model for `auto_class` (an `AutoModelFor...`), and whether it is a plain Hugging Face model.
+
+    A full or merged export is a model folder. An adapter export holds the adapter alone: its base
+    (`info.base_model`) is built with the export's labels and the adapter loaded over it; LoRA and
+    IA3 are merged into the base (a plain model, as fast as a full one), the prompt-learning methods
+    stay a `PeftModel` (not plain: the handlers' encoder rewrites, serving/packed.py, do not apply).
+    Written here because transformers' own adapter loading (`from_pretrained` on the adapter folder)
+    builds the base with its default two labels, so any other head size fails to load, and does not
+    know tunefleet's bottleneck adapters. An adapter pool (serving/adapters.py) loads its base itself.
+    """
+    if not info.adapter:
+        return auto_class.from_pretrained(export_dir, local_files_only=True), True
+    from training import bottleneck
+
+    heads: dict[str, Any] = {}
+    if info.labels:  # the base's own head (another label set, ImageNet's classes) is replaced
+        heads = {"num_labels": len(info.labels), "id2label": dict(enumerate(info.labels)),
+                 "label2id": {label: i for i, label in enumerate(info.labels)}, "ignore_mismatched_sizes": True}
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report ("classifier MISSING ... train it") is false here
+    try:
+        base = auto_class.from_pretrained(info.base_model, **heads)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if bottleneck.is_bottleneck_export(export_dir):
+        return bottleneck.load_bottleneck_export(export_dir, base), True
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(base, str(export_dir))
+    if model.active_peft_config.is_prompt_learning:
+        return model, False
+    return model.merge_and_unload(), True
+
+
 def parse_request(handler: TaskHandler | type[TaskHandler], payload: Any) -> Any:
     """A JSON-like payload → the handler's request model, or a 422 ServingError saying what is wrong."""
     try:

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, 
 
 from serving.config import ServeSpec
 from serving.errors import ServingError
-from serving.handlers.base import TaskHandler
+from serving.handlers.base import TaskHandler, load_model
 from serving.handlers.registry import register_handler
 from serving.openai_compat import CHAT, COMPLETIONS, response_body, stream_events
 from serving.placement import place, replica_device
@@ -135,7 +135,7 @@ class CausalLMHandler(TaskHandler):
     def load(cls, export_dir: Path, info: ExportInfo, spec: ServeSpec) -> CausalLMHandler:
         device = replica_device(spec)
         tokenizer = AutoTokenizer.from_pretrained(export_dir, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(export_dir, local_files_only=True)
+        model, _ = load_model(AutoModelForCausalLM, export_dir, info)
         return cls(info, spec, place(model, spec, device, cls.auto_bfloat16), tokenizer, device)
 
     # ---- requests → items ------------------------------------------------------------------

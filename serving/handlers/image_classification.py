@@ -23,7 +23,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, fi
 
 from serving.config import ServeSpec
 from serving.errors import ServingError
-from serving.handlers.base import TaskHandler, parse_request
+from serving.handlers.base import TaskHandler, load_model, parse_request
 from serving.handlers.registry import register_handler
 from serving.placement import place, replica_device
 from serving.schemas import ClassificationParameters, LabelScore, PredictResponse
@@ -144,7 +144,7 @@ class ImageClassificationHandler(TaskHandler):
             from transformers import AutoImageProcessor, AutoModelForImageClassification
 
             processor = AutoImageProcessor.from_pretrained(export_dir, local_files_only=True)
-            model = AutoModelForImageClassification.from_pretrained(export_dir, local_files_only=True)
+            model, _ = load_model(AutoModelForImageClassification, export_dir, info)
             labels = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
 
             def to_pixels(images):

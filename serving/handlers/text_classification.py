@@ -19,7 +19,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from serving.config import ServeSpec
 from serving.errors import ServingError
-from serving.handlers.base import TaskHandler, input_window
+from serving.handlers.base import TaskHandler, input_window, load_model
 from serving.handlers.registry import register_handler
 from serving.packed import skip_padding
 from serving.placement import place, replica_device
@@ -54,9 +54,10 @@ class TextClassificationHandler(TaskHandler):
     def load(cls, export_dir: Path, info: ExportInfo, spec: ServeSpec) -> TextClassificationHandler:
         device = replica_device(spec)
         tokenizer = AutoTokenizer.from_pretrained(export_dir, local_files_only=True)
-        model = AutoModelForSequenceClassification.from_pretrained(export_dir, local_files_only=True)
-        skip_unread_positions(model)
-        skip_padding(model)
+        model, plain = load_model(AutoModelForSequenceClassification, export_dir, info)
+        if plain:
+            skip_unread_positions(model)
+            skip_padding(model)
         return cls(info, spec, place(model, spec, device, cls.auto_bfloat16), tokenizer, device)
 
     def prepare(self, request: TextClassificationRequest) -> list[Item]:

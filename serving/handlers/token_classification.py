@@ -19,7 +19,7 @@ from transformers import AutoModelForTokenClassification, AutoTokenizer
 
 from serving.config import ServeSpec
 from serving.errors import ServingError
-from serving.handlers.base import TaskHandler, input_window
+from serving.handlers.base import TaskHandler, input_window, load_model
 from serving.handlers.registry import register_handler
 from serving.packed import skip_padding
 from serving.placement import place, replica_device
@@ -145,8 +145,9 @@ class TokenClassificationHandler(TaskHandler):
     def load(cls, export_dir: Path, info: ExportInfo, spec: ServeSpec) -> TokenClassificationHandler:
         device = replica_device(spec)
         tokenizer = AutoTokenizer.from_pretrained(export_dir, local_files_only=True)
-        model = AutoModelForTokenClassification.from_pretrained(export_dir, local_files_only=True)
-        skip_padding(model)  # a BERT-family encoder's layers skip the batch's padding (serving/packed.py)
+        model, plain = load_model(AutoModelForTokenClassification, export_dir, info)
+        if plain:
+            skip_padding(model)  # a BERT-family encoder's layers skip the batch's padding (serving/packed.py)
         return cls(info, spec, place(model, spec, device, cls.auto_bfloat16), tokenizer, device)
 
     def prepare(self, request: TokenClassificationRequest) -> list[str | list[str]]:
