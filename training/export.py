@@ -23,6 +23,7 @@ from training.layout import ExportInfo, write_export_info
 from training.methods import METHODS, count_parameters
 from training.model_builder import build_training_model
 from training.tasks import TASKS
+from training.tasks.torchvision_models import TorchvisionClassifier
 
 
 @contextmanager
@@ -72,6 +73,8 @@ def export_checkpoint(checkpoint_dir: Path, spec: Any, export_dir: Path, source_
     load_model_weights(checkpoint_dir, model)
     trainable, total = count_parameters(model)
     adapter = method.export_kind == "adapter"
+    if adapter and isinstance(getattr(model, "get_base_model", lambda: model)(), TorchvisionClassifier):
+        merge = True  # a torchvision export is plain weights (torchvision.json): there is no adapter format to write
     if merge:
         if not method.mergeable:
             mergeable = [m for m in METHODS.names() if METHODS.get(m).mergeable]

@@ -235,3 +235,49 @@ def test_torchvision_export_does_not_repeat_new_head(tmp_path):
         ours.removeHandler(handler)
         ours.setLevel(logging.NOTSET)
     assert said == [] and (export / "torchvision.json").is_file()
+
+
+def test_lora_on_a_torchvision_cnn_trains_and_exports_merged_torchvision_weights(tmp_path):
+    """LoRA on MobileNet failed in the worker: PEFT matched leaf names "0"/"1" to whole blocks it cannot adapt,
+    and a depthwise conv's groups did not divide the rank. The export is plain torchvision weights, merged."""
+    import torchvision
+    from safetensors.torch import load_file
+    from transformers import get_scheduler
+
+    from training.checkpoint import TrainState, save_shard
+    from training.export import export_checkpoint
+    from training.model_builder import build_training_model
+
+    weights = tmp_path / "mobilenet_v3_small-047dcff4.pth"
+    torch.save(torchvision.models.mobilenet_v3_small().state_dict(), weights)
+    spec = job(weights=str(weights), method="lora", train=str(colour_images(tmp_path / "train", 2)))
+    torch.manual_seed(0)
+    model = build_training_model(spec, ["blue", "red"])
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("lora_" in n for n in trainable) and len(trainable) < len(list(model.parameters()))
+    x = torch.randn(2, 3, 64, 64)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(2):
+        torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1])).backward()
+        optimizer.step(), optimizer.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    save_shard(tmp_path / "ckpt", 0, 1, model, optimizer, get_scheduler("constant", optimizer), TrainState(step=2),
+               {"accuracy": 1.0}, extra={"labels": ["blue", "red"]})
+    export = export_checkpoint(tmp_path / "ckpt", spec, tmp_path / "export")
+    info = json.loads((export / "tunefleet.json").read_text())
+    assert info["merged"] and not info["adapter"] and not (export / "adapter_config.json").exists()
+    config = json.loads((export / "torchvision.json").read_text())
+    plain = torchvision.models.get_model(config["architecture"], num_classes=config["num_classes"])
+    plain.load_state_dict(load_file(export / "model.safetensors"))
+    with torch.no_grad():
+        assert torch.allclose(plain.eval()(x), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["prompt-tuning", "ia3"])
+def test_methods_that_cannot_merge_do_not_fit_torchvision_models(tmp_path, method):
+    with pytest.raises(JobSpecError) as caught:
+        job(method=method, train=str(colour_images(tmp_path / "train", 1)))
+    assert "method.name: does not fit torchvision:// models" in str(caught.value)

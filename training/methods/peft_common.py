@@ -28,7 +28,7 @@ class PeftOptions(BaseModel):
 
     target_modules: Literal["auto"] | list[str] = Field(
         "auto", description="Modules to adapt; auto: PEFT's per-architecture default (attention projections), "
-        "else every Linear outside the head.")
+        "else every Linear and ungrouped Conv2d outside the head.")
     modules_to_save: list[str] | None = Field(
         None, description="Extra modules trained in full and saved with the adapter; the task head always is.")
 
@@ -39,17 +39,24 @@ def head_modules(model: torch.nn.Module) -> list[str]:
 
 
 def auto_targets(model: torch.nn.Module, mapping: dict[str, list[str]]) -> list[str] | None:
-    """PEFT's own default for known architectures (None lets PEFT pick it); else every Linear
-    (and Conv2d) outside the head, by leaf name."""
+    """PEFT's own default for known architectures (None lets PEFT pick it); else every Linear and
+    every ungrouped Conv2d outside the head, by full name.
+
+    Full names, not leaf names: PEFT matches a name by its ending, and a torchvision CNN's leaves are
+    Sequential indices ("0", "1"), which also end the names of whole blocks PEFT cannot adapt. A grouped
+    (depthwise) convolution is left out: PEFT's LoRA needs its rank divisible by the groups and cannot
+    merge it, and a torchvision export is merged weights.
+    """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in mapping:
         return None
     heads = tuple(head_modules(model))
-    names = {
-        name.split(".")[-1]
+    names = [
+        name
         for name, module in model.named_modules()
-        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and not name.startswith(heads)
-    }
+        if (isinstance(module, torch.nn.Linear) or isinstance(module, torch.nn.Conv2d) and module.groups == 1)
+        and not name.startswith(heads)
+    ]
     return sorted(names) or None
 
 

@@ -6,7 +6,8 @@
 Training augments (random resized crop, horizontal flip; `data.augment: false` turns it off);
 evaluation resizes and centre-crops with the weights' own normalisation. The export loads without
 tunefleet: torchvision backbones as `model.safetensors` + `torchvision.json`, Hugging Face models in
-`pipeline("image-classification")`.
+`pipeline("image-classification")`. A torchvision backbone trains with full, head, gradual-unfreeze or
+lora; a LoRA run's export is merged, since torchvision weights have no adapter format.
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ class ImageProcessing:
     augment: bool = True  # data.augment: random crop and flip on training images
 
 
+# Methods whose adapter cannot merge into a torchvision model: prompts and bottleneck modules have no weights
+# to merge into, and PEFT's IA3 unload fails on the wrapped head (peft 0.21, seen on MobileNetV3).
+TORCHVISION_UNFIT_METHODS = ("prompt-tuning", "prefix-tuning", "adapter", "ia3")
+
+
 def _check_spec(spec: Any) -> list[tuple[str, str, Any]]:
     problems = []
     arch = architecture_of(spec.model.path) if spec.model is not None else None
@@ -58,6 +64,10 @@ def _check_spec(spec: Any) -> list[tuple[str, str, Any]]:
             if getattr(data, key) is not None:
                 problems.append((f"data.{key}", "applies to torchvision:// models; a Hugging Face model's image "
                                  "processor sets its own", getattr(data, key)))
+    if arch is not None and spec.method is not None and spec.method.name in TORCHVISION_UNFIT_METHODS:
+        problems.append(("method.name", "does not fit torchvision:// models: their export is plain torchvision "
+                         "weights, so an adapter must merge into them; use full, head, gradual-unfreeze or lora, "
+                         "or a Hugging Face image model", spec.method.name))
     if data.image_mean is not None and data.image_std is not None and len(data.image_mean) != len(data.image_std):
         problems.append(("data.image_std", f"needs one value per channel, as data.image_mean ({len(data.image_mean)})",
                          data.image_std))
