@@ -139,7 +139,10 @@ class TokenClassificationHandler(TaskHandler):
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.max_length = input_window(info, tokenizer, model)
         self.stride = max(1, min(64, self.max_length // 4))
-        self.labels = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
+        # The export's tags: an adapter pool's base (serving/adapters.py) knows only how many there are.
+        num_labels = model.config.num_labels
+        self.labels = (list(info.labels) if len(info.labels) == num_labels
+                       else [str(model.config.id2label[i]) for i in range(num_labels)])
 
     @classmethod
     def load(cls, export_dir: Path, info: ExportInfo, spec: ServeSpec) -> TokenClassificationHandler:

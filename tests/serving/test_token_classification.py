@@ -119,3 +119,22 @@ def test_a_padded_batch_runs_packed_with_the_unchanged_models_tags_and_scores(tm
     for got, want in zip(packed, whole):
         assert [(w["word"], w["entity"]) for w in got] == [(w["word"], w["entity"]) for w in want]
         assert [w["score"] for w in got] == pytest.approx([w["score"] for w in want], abs=1e-5)
+
+
+def test_tags_come_from_the_export_when_the_model_knows_only_their_number(tmp_path):
+    """An adapter pool's base is built with num_labels alone (LABEL_0, ...): a pooled WNUT17 adapter that tagged
+    everything O answered one entity "LABEL_0" spanning the whole text."""
+    import torch
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    from serving.config import ServeSpec
+    from serving.handlers import HANDLERS
+    from training.layout import read_export_info
+
+    export = build_tagging_export(tmp_path, "O")
+    base = AutoModelForTokenClassification.from_pretrained(export)
+    base.config.id2label = {i: f"LABEL_{i}" for i in range(len(LABELS))}  # what a pool's base knows
+    handler = HANDLERS.get("token-classification")(read_export_info(export), ServeSpec(dtype="float32"), base.eval(),
+                                                   AutoTokenizer.from_pretrained(export), torch.device("cpu"))
+    assert handler.labels == LABELS
+    assert _predict(handler, "I flew to London with Ryanair") == [[]]
