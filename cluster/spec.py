@@ -18,7 +18,8 @@ from types import SimpleNamespace
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, field_validator,
+                      model_validator)
 
 from cluster.errors import JobSpecError, Problem  # noqa: F401  (re-exported)
 from cluster.scale_spec import DeepSpeedSpec, deepspeed_problems
@@ -39,7 +40,8 @@ class Strict(BaseModel):
 
 
 class ModelSpec(Strict):
-    path: str = Field(description="Hub id (`bert-base-uncased`), local Hugging Face directory, or storage URI.")
+    path: str = Field(description="Hub id (`bert-base-uncased`), local Hugging Face directory, or such a directory on "
+                      "storage (s3://, gs://: each node copies it once into $TUNEFLEET_MODEL_CACHE).")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
     trust_remote_code: bool = Field(
         False, description="Run the model repository's own Python code. Off: only say yes for code you trust."
@@ -54,6 +56,9 @@ class ModelSpec(Strict):
         description="Image classification, `torchvision://<arch>` models: pretrained weights, a local .pth/.safetensors "
         "file or an http(s) URL (cached by torch.hub); null: torchvision's default weights for the architecture.",
     )
+    # A storage URI's folder (s3://, gs://, file://) as a StorageDir, set by validate_job: it travels with the
+    # spec to the workers, and each node reads the model from its own copy (training.storage.model_location).
+    _storage: Any = PrivateAttr(default=None)
 
 
 class ColumnsSpec(Strict):
@@ -360,9 +365,40 @@ def validate_job(
     if check_data and data_paths_ok and partial.data is not None and partial.task in TASKS:
         resolved = resolve_paths(spec, base) if spec is not None else partial
         problems.extend(Problem(path=p, message=m, value=v) for p, m, v in TASKS.get(partial.task).check_data(resolved))
+    model_storage = None
+    if spec is not None and spec.model.path.startswith(MODEL_URI_SCHEMES):
+        model_storage, problem = _model_storage(spec.model.path, check_data)
+        problems.extend([problem] if problem else [])
     if problems:
         raise JobSpecError(problems, source)
-    return resolve_paths(spec, base)
+    spec = resolve_paths(spec, base)
+    spec.model._storage = model_storage  # private: the job's YAML and its dump keep the URI
+    return spec
+
+
+MODEL_URI_SCHEMES = ("s3://", "gs://", "gcs://", "file://")
+
+
+def _model_storage(uri: str, check: bool) -> tuple[Any, Problem | None]:
+    """The StorageDir of a model named by a storage URI; with `check`, a folder without config.json (or that
+    cannot be read) is a problem here, before any cluster time."""
+    from cluster.storage import StorageError, resolve_storage
+
+    try:
+        storage = resolve_storage(uri)
+    except StorageError as err:
+        return None, Problem(path="model", message=str(err).removeprefix("output.storage: "), value=uri)
+    if check:
+        try:
+            found = storage.exists("config.json")
+        except OSError as err:
+            return None, Problem(path="model", message=f"cannot read {uri}: {err}; check the credentials and "
+                                 "endpoint (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, GOOGLE_APPLICATION_CREDENTIALS)",
+                                 value=uri)
+        if not found:
+            return None, Problem(path="model", message=f"no config.json in {uri}: give the folder that "
+                                 "save_pretrained() wrote", value=uri)
+    return storage, None
 
 
 def _valid_sections(data: dict[str, Any]) -> SimpleNamespace:

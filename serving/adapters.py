@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from serving.model_store import fetch_model
 from serving.pools import BASE_MODEL_CLASSES, PoolKey
 from training import bottleneck
 
@@ -45,7 +46,7 @@ def load_base(key: PoolKey, device: torch.device, dtype: torch.dtype = torch.flo
     kwargs: dict[str, Any] = {}
     if key.num_labels:
         kwargs["num_labels"] = key.num_labels
-    return cls.from_pretrained(key.base_model, **kwargs).to(device, dtype).eval()
+    return cls.from_pretrained(fetch_model(key.base_model), **kwargs).to(device, dtype).eval()
 
 
 class AdapterStack:

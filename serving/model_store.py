@@ -95,6 +95,20 @@ def normalize(source: str | Path) -> str:
     return str(source) if is_uri(source) else str(resolve_export_dir(source).resolve())
 
 
+def fetch_model(source: str) -> str:
+    """An adapter export's base model as `from_pretrained` reads it: a storage URI's folder copied to this node
+    (training's model cache, shared with the workers that trained on it); a hub id or local path as it is."""
+    if not source.startswith(("s3://", "gs://", "gcs://", "file://")):
+        return source
+    from training.storage import StorageDir, local_copy
+
+    try:
+        filesystem, path = _filesystem(source)
+    except Exception as exc:  # pyarrow: unknown scheme, missing credentials, bad bucket
+        raise FileNotFoundError(f"{source}: cannot open this storage URI ({exc})") from None
+    return str(local_copy(StorageDir(filesystem, path.rstrip("/"), source)))
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path(tempfile.gettempdir()) / "tunefleet-models")
 

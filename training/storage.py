@@ -10,12 +10,15 @@ the run directory itself, so nothing is copied.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pyarrow.fs as pafs
 
@@ -154,3 +157,42 @@ class StorageDir:
 def as_storage(directory: "StorageDir | str | Path") -> StorageDir:
     """A StorageDir for a local path (kept as is when it already is one)."""
     return directory if isinstance(directory, StorageDir) else StorageDir.local(directory)
+
+
+MODEL_CACHE_ENV = "TUNEFLEET_MODEL_CACHE"  # where models named by a storage URI are copied on each node
+
+
+def model_cache_dir() -> Path:
+    return Path(os.environ.get(MODEL_CACHE_ENV) or Path(tempfile.gettempdir()) / "tunefleet-models")
+
+
+def local_copy(directory: StorageDir) -> Path:
+    """`directory` on this node's disk: itself when local, else a copy in the model cache, made once per node
+    and per content (the key is the URI with every file's name and size), whole or not at all."""
+    if directory.local_path is not None:
+        return directory.local_path
+    files = directory.files()
+    if not files:
+        raise FileNotFoundError(f"{directory.uri}: no files there; give the folder that save_pretrained() wrote")
+    key = hashlib.sha256(json.dumps([directory.uri, sorted(files.items())]).encode()).hexdigest()[:16]
+    target = model_cache_dir() / f"{directory.name}-{key}"
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        directory.download("", staging / "copy")
+        os.replace(staging / "copy", target)  # two workers of one node: the first whole copy stays
+    except OSError:
+        if not target.is_dir():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def model_location(model: Any) -> str:
+    """Where `from_pretrained` reads the job's `model`: its path (hub id, local folder), or this node's copy of
+    the folder a storage URI names (the spec carries that folder's StorageDir, resolved by cluster/spec.py)."""
+    storage = getattr(model, "_storage", None)
+    return model.path if storage is None else str(local_copy(storage))

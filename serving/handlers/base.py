@@ -91,6 +91,7 @@ def load_model(auto_class: Any, export_dir: Path, info: ExportInfo) -> tuple[Any
     """
     if not info.adapter:
         return auto_class.from_pretrained(export_dir, local_files_only=True), True
+    from serving.model_store import fetch_model
     from training import bottleneck
 
     heads: dict[str, Any] = {}
@@ -102,7 +103,7 @@ def load_model(auto_class: Any, export_dir: Path, info: ExportInfo) -> tuple[Any
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its load report ("classifier MISSING ... train it") is false here
     try:
-        base = auto_class.from_pretrained(info.base_model, **heads)
+        base = auto_class.from_pretrained(fetch_model(info.base_model), **heads)
     finally:
         hf_logging.set_verbosity(verbosity)
     if bottleneck.is_bottleneck_export(export_dir):

@@ -116,6 +116,25 @@ def test_a_model_that_cannot_be_loaded_is_one_problem_at_model(workdir, monkeypa
         assert key == "model" and message.startswith(f"cannot load {spec.model.path}: {why}"), message
 
 
+def test_a_model_named_by_a_storage_uri_is_read_from_this_nodes_copy(workdir, tiny_text_model, monkeypatch):
+    """`model: s3://...` (here file://, the same code path without a server) was passed to from_pretrained as is."""
+    import pickle
+
+    from training.storage import model_location
+
+    monkeypatch.setenv("TUNEFLEET_MODEL_CACHE", str(workdir / "cache"))
+    uri = tiny_text_model.as_uri()
+    spec = validate_job(good_job() | {"model": uri})
+    assert spec.model.path == uri and spec.model.model_dump()["path"] == uri  # job.yaml keeps the URI
+    assert model_location(spec.model) == str(tiny_text_model)  # file:// needs no copy
+    assert model_location(pickle.loads(pickle.dumps(spec)).model) == str(tiny_text_model)  # as the workers get it
+    model = TASKS.get("text-classification").build_model(spec, ["negative", "positive"])
+    assert model.config.hidden_size == 32
+    assert problems_of(good_job() | {"model": "s3://"}) == {"model": "s3://"}  # names no bucket
+    assert "no config.json in file:///nowhere" in message_of(good_job() | {"model": "file:///nowhere"})
+    assert validate_job(good_job() | {"model": "file:///nowhere"}, check_data=False).model.path == "file:///nowhere"
+
+
 def test_spec_is_frozen(workdir):
     spec = validate_job(good_job())
     with pytest.raises(ValidationError):

@@ -1,4 +1,4 @@
-"""A run whose storage is s3:// on a real S3 server (SeaweedFS on 127.0.0.1): 2 workers write their
+"""A run whose model and storage are s3:// on a real S3 server (SeaweedFS on 127.0.0.1): 2 workers write their
 checkpoint shards there, job.yaml / metrics.jsonl / export / report land beside them, nothing is
 written locally, and `tunefleet export s3://...` reads the run back from the bucket."""
 
@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -18,7 +19,15 @@ from tests.integration.seaweed import ACCESS_KEY, SECRET_KEY, seaweed_s3
 pytestmark = pytest.mark.integration
 
 
-def test_run_writes_to_s3_and_exports_back(local_ray, tiny_text_model, sentiment_tsv, tmp_path, monkeypatch):
+def _drop_cached_copies(name: str) -> None:
+    """The model cache is shared by every run on the machine: take this test's copies back out."""
+    from training.storage import model_cache_dir
+
+    for copy in model_cache_dir().glob(f"{name}-*"):
+        shutil.rmtree(copy, ignore_errors=True)
+
+
+def test_run_writes_to_s3_and_exports_back(local_ray, tiny_text_model, sentiment_tsv, tmp_path, monkeypatch, request):
     from cluster.storage import check_writable, resolve_storage
     from training.checkpoint import complete_checkpoints
 
@@ -31,10 +40,14 @@ def test_run_writes_to_s3_and_exports_back(local_ray, tiny_text_model, sentiment
         admin.create_dir("tunefleet")
         storage = resolve_storage("s3://tunefleet/runs")
         check_writable(storage)
+        # The model too comes from the bucket (`model: s3://...`): each worker reads its own node's copy.
+        model_uri = f"s3://tunefleet/models/{tmp_path.name}"
+        pafs.copy_files(str(tiny_text_model), model_uri.removeprefix("s3://"), destination_filesystem=admin)
 
         local_before = set(tmp_path.iterdir())
-        data = job_data(tiny_text_model, *sentiment_tsv, "s3://tunefleet/runs",
+        data = job_data(model_uri, *sentiment_tsv, "s3://tunefleet/runs",
                         **{"train.max_steps": 20, "train.eval_every_steps": 10})
+        request.addfinalizer(lambda: _drop_cached_copies(tmp_path.name))
         result = fit(data, "s3run", storage)
         assert result.run_dir == "s3://tunefleet/runs/scale/s3run"
         assert set(tmp_path.iterdir()) == local_before, "the run must not write into local storage"
@@ -62,4 +75,5 @@ def test_run_writes_to_s3_and_exports_back(local_ray, tiny_text_model, sentiment
         local_export = run.download("export", tmp_path / "export")
         info = json.loads((local_export / "tunefleet.json").read_text())
         assert info["source_run"] == "s3://tunefleet/runs/scale/s3run" and info["checkpoint"].startswith("s3://")
+        assert info["base_model"] == model_uri  # where the model lives, not a node's copy of it
         assert AutoModelForSequenceClassification.from_pretrained(local_export).config.num_labels == 2

@@ -1,5 +1,5 @@
-"""Adapter exports on S3 (a real SeaweedFS server on 127.0.0.1): one listed in the serve file, one
-registered later by URI. The pool's replica fetches each once into its model cache and answers as
+"""Adapter exports and their base model on S3 (a real SeaweedFS server on 127.0.0.1): one adapter listed in
+the serve file, one registered later by URI. The pool's replica fetches each once into its model cache and answers as
 that adapter; credentials and the endpoint reach the replicas through their environment only."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import yaml
 
 from adapter_exports import LABELS, build_lora_export, reference_probs
 from tests.integration.seaweed import ACCESS_KEY, SECRET_KEY, seaweed_s3
+from training.layout import read_export_info, write_export_info
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +43,11 @@ def test_adapters_load_from_s3_uris(local_ray, tiny_text_model: Path, tmp_path: 
         admin = pafs.S3FileSystem(endpoint_override=endpoint.split("://")[1], scheme="http", access_key=ACCESS_KEY,
                                   secret_key=SECRET_KEY, allow_bucket_creation=True)
         admin.create_dir("models")
+        # The base too lives in the bucket: each adapter names it by URI, and the pool's replica copies it.
+        base_uri = "s3://models/base/tiny"
+        pafs.copy_files(str(tiny_text_model), base_uri.removeprefix("s3://"), destination_filesystem=admin)
         for name, export in local.items():
+            write_export_info(export, read_export_info(export).model_copy(update={"base_model": base_uri}))
             pafs.copy_files(str(export), f"models/adapters/{name}", destination_filesystem=admin)
         cache = tmp_path / "model-cache"
         env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
@@ -56,7 +61,7 @@ def test_adapters_load_from_s3_uris(local_ray, tiny_text_model: Path, tmp_path: 
             "endpoint": "test-s3-adapters",
             "defaults": small,
             "models": [{"export": "s3://models/adapters/alpha"}],
-            "adapter_pools": [{"base_model": str(tiny_text_model), "task": "text-classification", "num_labels": 2,
+            "adapter_pools": [{"base_model": base_uri, "task": "text-classification", "num_labels": 2,
                                "serve": small}],
         }))
         running = start_server(port=_free_port(), plan=load_serve_file(serve_file), env_vars=env)  # the replicas'
@@ -79,5 +84,6 @@ def test_adapters_load_from_s3_uris(local_ray, tiny_text_model: Path, tmp_path: 
         finally:
             running.shutdown()
     # The replica fetched each adapter once into the cache the environment named.
+    assert [p.parent.name.split("-")[0] for p in cache.glob("*/config.json")] == ["tiny"], "the base was not copied"
     fetched = {p.name for p in cache.rglob("adapter_model.safetensors")} if cache.exists() else set()
     assert fetched, f"nothing fetched into {cache}: {sorted(p.name for p in cache.rglob('*'))[:20] if cache.exists() else 'no cache dir'}"

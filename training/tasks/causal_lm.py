@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from training.data.lm import check_lm_data, prepare_lm, sample_prompts
 from training.data.prompts import prepare_tokenizer
+from training.storage import model_location
 from training.tasks.base import PreparedData, TaskDefinition, reads_the_model
 from training.tasks.registry import TASKS
 
@@ -42,7 +43,7 @@ def _build_processor(spec: Any):
     from transformers import AutoTokenizer
 
     model = spec.model
-    tokenizer = AutoTokenizer.from_pretrained(model.path, revision=model.revision, gguf_file=model.gguf_file,
+    tokenizer = AutoTokenizer.from_pretrained(model_location(model), revision=model.revision, gguf_file=model.gguf_file,
                                               trust_remote_code=model.trust_remote_code)
     return prepare_tokenizer(tokenizer)
 
@@ -54,12 +55,12 @@ def _build_model(spec: Any, labels: list[str], **load_kwargs):
     if model_spec.gguf_file:
         from training.gguf import load_gguf_causal_lm
 
-        model = load_gguf_causal_lm(model_spec.path, model_spec.gguf_file, revision=model_spec.revision,
+        model = load_gguf_causal_lm(model_location(model_spec), model_spec.gguf_file, revision=model_spec.revision,
                                     trust_remote_code=model_spec.trust_remote_code)
     else:
         # fp32 master weights (autocast does mixed precision); hub checkpoints often ship bf16.
         load_kwargs.setdefault("dtype", torch.float32)
-        model = AutoModelForCausalLM.from_pretrained(model_spec.path, revision=model_spec.revision,
+        model = AutoModelForCausalLM.from_pretrained(model_location(model_spec), revision=model_spec.revision,
                                                      trust_remote_code=model_spec.trust_remote_code, **load_kwargs)
     generation = model.generation_config
     if generation is not None and generation.pad_token_id is None and generation.eos_token_id is not None:

@@ -24,6 +24,7 @@ from training.data.images import (BadImageError, ImageExamples, find_bad_images,
                                   read_image_table)
 from training.data.labels import build_label_map, read_label_names
 from training.data.tables import DataError, Source, detect_format
+from training.storage import model_location
 from training.tasks.base import PreparedData, TaskDefinition, reads_the_model, save_pretrained
 from training.tasks.registry import TASKS
 from training.tasks.text_classification import _compute_metrics as classification_metrics
@@ -186,7 +187,7 @@ def _build_processor(spec: Any) -> ImageProcessing:
         return ImageProcessing(preprocessing, None, spec.data.bad_images, spec.data.augment)
     from transformers import AutoImageProcessor
 
-    processor = AutoImageProcessor.from_pretrained(spec.model.path, revision=spec.model.revision,
+    processor = AutoImageProcessor.from_pretrained(model_location(spec.model), revision=spec.model.revision,
                                                    trust_remote_code=spec.model.trust_remote_code)
     return ImageProcessing(from_hf_processor(processor), processor, spec.data.bad_images, spec.data.augment)
 
@@ -200,7 +201,7 @@ def _build_model(spec: Any, labels: list[str], **load_kwargs):
     from transformers import AutoModelForImageClassification
 
     return AutoModelForImageClassification.from_pretrained(
-        spec.model.path, revision=spec.model.revision, trust_remote_code=spec.model.trust_remote_code,
+        model_location(spec.model), revision=spec.model.revision, trust_remote_code=spec.model.trust_remote_code,
         num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)},
         ignore_mismatched_sizes=True,  # the pretrained head (ImageNet's 1000 classes) is replaced
         **load_kwargs)

@@ -8,6 +8,7 @@ import numpy as np
 
 from training.data.labels import build_label_map, declared_label_names
 from training.data.tables import DataError, Source, detect_format, load_table, read_columns, seeded_subset
+from training.storage import model_location
 from training.tasks.base import PreparedData, TaskDefinition, reads_the_model
 from training.tasks.registry import TASKS
 
@@ -191,7 +192,7 @@ def _prepare_streaming(spec: Any) -> PreparedData:
 def _build_processor(spec: Any):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(spec.model.path, revision=spec.model.revision,
+    return AutoTokenizer.from_pretrained(model_location(spec.model), revision=spec.model.revision,
                                          trust_remote_code=spec.model.trust_remote_code)
 
 
@@ -199,7 +200,7 @@ def _build_model(spec: Any, labels: list[str], **load_kwargs):
     from transformers import AutoModelForSequenceClassification
 
     return AutoModelForSequenceClassification.from_pretrained(
-        spec.model.path,
+        model_location(spec.model),
         revision=spec.model.revision,
         trust_remote_code=spec.model.trust_remote_code,
         num_labels=len(labels),

@@ -19,6 +19,7 @@ from training.data.labels import read_label_names
 from training.data.tables import DataError, seeded_subset
 from training.data.tagging import OUTSIDE, check_scheme, detect_scheme, iob1_to_iob2, label_list, split_tag, subtoken_tags, training_scheme
 from training.layout import ENTITY_REPORT_FILE
+from training.storage import model_location
 from training.tasks.base import PreparedData, TaskDefinition, reads_the_model
 from training.tasks.registry import TASKS
 
@@ -160,10 +161,10 @@ def _build_processor(spec: Any):
     from transformers import AutoTokenizer
 
     options = dict(revision=spec.model.revision, trust_remote_code=spec.model.trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(spec.model.path, **options)
+    tokenizer = AutoTokenizer.from_pretrained(model_location(spec.model), **options)
     if getattr(tokenizer, "add_prefix_space", None) is False:
         # Byte-level BPE (RoBERTa, GPT-2) needs it to take pre-split words.
-        tokenizer = AutoTokenizer.from_pretrained(spec.model.path, add_prefix_space=True, **options)
+        tokenizer = AutoTokenizer.from_pretrained(model_location(spec.model), add_prefix_space=True, **options)
     if not tokenizer.is_fast:
         raise DataError([("model", f"{spec.model.path} has no fast tokenizer; token classification needs one "
                           "(word_ids to align tags); pick a model with tokenizer.json", None)])
@@ -174,7 +175,7 @@ def _build_model(spec: Any, labels: list[str]):
     from transformers import AutoModelForTokenClassification
 
     return AutoModelForTokenClassification.from_pretrained(
-        spec.model.path,
+        model_location(spec.model),
         revision=spec.model.revision,
         trust_remote_code=spec.model.trust_remote_code,
         num_labels=len(labels),
