@@ -27,6 +27,7 @@ from cluster.spec_paths import looks_like_local_path, path_problems, resolve_pat
 from serving.config import ServeSpec
 from training.methods import METHODS
 from training.optim import OPTIMIZER_HELP, OptimizerName, optimizer_problems
+from training.storage import STORAGE_URI_SCHEMES
 from training.tasks import TASKS
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
@@ -366,7 +367,7 @@ def validate_job(
         resolved = resolve_paths(spec, base) if spec is not None else partial
         problems.extend(Problem(path=p, message=m, value=v) for p, m, v in TASKS.get(partial.task).check_data(resolved))
     model_storage = None
-    if spec is not None and spec.model.path.startswith(MODEL_URI_SCHEMES):
+    if spec is not None and spec.model.path.startswith(STORAGE_URI_SCHEMES):
         model_storage, problem = _model_storage(spec.model.path, check_data)
         problems.extend([problem] if problem else [])
     if problems:
@@ -374,9 +375,6 @@ def validate_job(
     spec = resolve_paths(spec, base)
     spec.model._storage = model_storage  # private: the job's YAML and its dump keep the URI
     return spec
-
-
-MODEL_URI_SCHEMES = ("s3://", "gs://", "gcs://", "file://")
 
 
 def _model_storage(uri: str, check: bool) -> tuple[Any, Problem | None]:

@@ -98,9 +98,10 @@ def normalize(source: str | Path) -> str:
 def fetch_model(source: str) -> str:
     """An adapter export's base model as `from_pretrained` reads it: a storage URI's folder copied to this node
     (training's model cache, shared with the workers that trained on it); a hub id or local path as it is."""
-    if not source.startswith(("s3://", "gs://", "gcs://", "file://")):
+    from training.storage import STORAGE_URI_SCHEMES, StorageDir, local_copy
+
+    if not source.startswith(STORAGE_URI_SCHEMES):
         return source
-    from training.storage import StorageDir, local_copy
 
     try:
         filesystem, path = _filesystem(source)

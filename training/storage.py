@@ -159,6 +159,7 @@ def as_storage(directory: "StorageDir | str | Path") -> StorageDir:
     return directory if isinstance(directory, StorageDir) else StorageDir.local(directory)
 
 
+STORAGE_URI_SCHEMES = ("s3://", "gs://", "gcs://", "file://")  # a model named so is copied to each node
 MODEL_CACHE_ENV = "TUNEFLEET_MODEL_CACHE"  # where models named by a storage URI are copied on each node
 
 
