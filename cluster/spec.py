@@ -368,7 +368,7 @@ def validate_job(
         problems.extend(Problem(path=p, message=m, value=v) for p, m, v in TASKS.get(partial.task).check_data(resolved))
     model_storage = None
     if spec is not None and spec.model.path.startswith(STORAGE_URI_SCHEMES):
-        model_storage, problem = _model_storage(spec.model.path, check_data)
+        model_storage, problem = _model_storage(spec.model.path, check_data, spec.model.gguf_file)
         problems.extend([problem] if problem else [])
     if problems:
         raise JobSpecError(problems, source)
@@ -377,9 +377,10 @@ def validate_job(
     return spec
 
 
-def _model_storage(uri: str, check: bool) -> tuple[Any, Problem | None]:
-    """The StorageDir of a model named by a storage URI; with `check`, a folder without config.json (or that
-    cannot be read) is a problem here, before any cluster time."""
+def _model_storage(uri: str, check: bool, gguf_file: str | None) -> tuple[Any, Problem | None]:
+    """The StorageDir of a model named by a storage URI; with `check`, a folder without config.json (or
+    without its `gguf_file`, which stands in for config.json), or one that cannot be read, is a problem here,
+    before any cluster time."""
     from cluster.storage import StorageError, resolve_storage
 
     try:
@@ -388,11 +389,14 @@ def _model_storage(uri: str, check: bool) -> tuple[Any, Problem | None]:
         return None, Problem(path="model", message=str(err).removeprefix("output.storage: "), value=uri)
     if check:
         try:
-            found = storage.exists("config.json")
+            found = storage.exists(gguf_file or "config.json")
         except OSError as err:
             return None, Problem(path="model", message=f"cannot read {uri}: {err}; check the credentials and "
                                  "endpoint (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, GOOGLE_APPLICATION_CREDENTIALS)",
                                  value=uri)
+        if not found and gguf_file:
+            return None, Problem(path="model", message=f"no {gguf_file} (model.gguf_file) in {uri}: give the "
+                                 "folder that holds the GGUF file, or correct gguf_file", value=uri)
         if not found:
             return None, Problem(path="model", message=f"no config.json in {uri}: give the folder that "
                                  "save_pretrained() wrote", value=uri)
@@ -470,6 +474,9 @@ def _cross_field_problems(spec: Any) -> list[Problem]:
         problems.extend(Problem(path=p, message=m, value=v) for p, m, v in TASKS.get(spec.task).check_spec(spec))
         if spec.data.streaming:
             problems.extend(_streaming_problems(spec))
+    if task_known and spec.model is not None and spec.model.gguf_file and spec.task != "causal-lm":
+        problems.append(Problem(path="model.gguf_file", message=f"GGUF files hold causal language models; task "
+                                f"{spec.task} loads a Hugging Face folder: remove gguf_file", value=spec.model.gguf_file))
     # serve: replica and batching bounds are ServeSpec's own validators (serving/config.py).
     train = spec.train
     if train is not None and isinstance(train.class_weights, list) and any(w <= 0 for w in train.class_weights):

@@ -135,6 +135,19 @@ def test_a_model_named_by_a_storage_uri_is_read_from_this_nodes_copy(workdir, ti
     assert validate_job(good_job() | {"model": "file:///nowhere"}, check_data=False).model.path == "file:///nowhere"
 
 
+def test_a_storage_uri_folder_with_a_gguf_file_needs_no_config_json(workdir):
+    """A GGUF folder has no config.json: the check looks for model.gguf_file there instead (it refused it)."""
+    (workdir / "gguf").mkdir()
+    (workdir / "gguf" / "smollm2.Q8_0.gguf").write_bytes(b"GGUF")
+    job = good_job() | {"task": "causal-lm", "data": {"train": "train.tsv", "columns": {"text": "sentence"}}}
+    uri = (workdir / "gguf").as_uri()
+    spec = validate_job(job | {"model": {"path": uri, "gguf_file": "smollm2.Q8_0.gguf"}})
+    assert spec.model.path == uri and spec.model.gguf_file == "smollm2.Q8_0.gguf"
+    message = message_of(job | {"model": {"path": uri, "gguf_file": "other.gguf"}})
+    assert f"no other.gguf (model.gguf_file) in {uri}" in message, message
+    assert problems_of(good_job() | {"model": {"path": "./model", "gguf_file": "m.gguf"}}) == {"model.gguf_file": "m.gguf"}
+
+
 def test_spec_is_frozen(workdir):
     spec = validate_job(good_job())
     with pytest.raises(ValidationError):
