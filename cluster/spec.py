@@ -50,7 +50,9 @@ class ModelSpec(Strict):
     gguf_file: str | None = Field(
         None,
         description="A GGUF file (llama.cpp format) inside `path` to load, dequantised to float32; causal-lm only. "
-        "Slow at every load: convert once to a safetensors directory instead (benchmarks/prepare_smollm2.py).",
+        "Methods: full, or an adapter that merges (lora, ia3): the export is a plain model, since no one else "
+        "loads a GGUF base. Slow at every load: convert once to a safetensors directory instead "
+        "(benchmarks/prepare_smollm2.py).",
     )
     weights: str | None = Field(
         None,
@@ -474,9 +476,7 @@ def _cross_field_problems(spec: Any) -> list[Problem]:
         problems.extend(Problem(path=p, message=m, value=v) for p, m, v in TASKS.get(spec.task).check_spec(spec))
         if spec.data.streaming:
             problems.extend(_streaming_problems(spec))
-    if task_known and spec.model is not None and spec.model.gguf_file and spec.task != "causal-lm":
-        problems.append(Problem(path="model.gguf_file", message=f"GGUF files hold causal language models; task "
-                                f"{spec.task} loads a Hugging Face folder: remove gguf_file", value=spec.model.gguf_file))
+    problems.extend(_gguf_problems(spec, task_known))
     # serve: replica and batching bounds are ServeSpec's own validators (serving/config.py).
     train = spec.train
     if train is not None and isinstance(train.class_weights, list) and any(w <= 0 for w in train.class_weights):
@@ -487,6 +487,24 @@ def _cross_field_problems(spec: Any) -> list[Problem]:
         problems.extend(Problem(path=p, message=m, value=v) for p, m, v in optimizer_problems(
             train.optimizer, spec.scale.use_gpu, spec.scale.deepspeed is not None))
     return problems
+
+
+def _gguf_problems(spec: Any, task_known: bool) -> list[Problem]:
+    """A GGUF base is read only by tunefleet (from_pretrained with gguf_file): an adapter export names its base in
+    adapter_config.json, which has no gguf_file, so the export merges the adapter; one that cannot merge is refused."""
+    if spec.model is None or not spec.model.gguf_file:
+        return []
+    if task_known and spec.task != "causal-lm":
+        return [Problem(path="model.gguf_file", message=f"GGUF files hold causal language models; task {spec.task} "
+                        "loads a Hugging Face folder: remove gguf_file", value=spec.model.gguf_file)]
+    method = METHODS.get(spec.method.name) if spec.method is not None and spec.method.name in METHODS else None
+    if method is not None and method.export_kind == "adapter" and not method.mergeable:
+        mergeable = [m for m in METHODS.names() if METHODS.get(m).mergeable]
+        return [Problem(path="method.name", message="cannot merge into a GGUF base, and its export could not name "
+                        f"that base (adapter_config.json has no gguf_file): use full or {', '.join(mergeable)}, or "
+                        "convert the GGUF once to a Hugging Face folder (training.gguf.convert_gguf, as "
+                        "benchmarks/prepare_smollm2.py does) and name that folder in model", value=spec.method.name)]
+    return []
 
 
 def _streaming_problems(spec: Any) -> list[Problem]:

@@ -75,6 +75,8 @@ def export_checkpoint(checkpoint_dir: Path, spec: Any, export_dir: Path, source_
     adapter = method.export_kind == "adapter"
     if adapter and isinstance(getattr(model, "get_base_model", lambda: model)(), TorchvisionClassifier):
         merge = True  # a torchvision export is plain weights (torchvision.json): there is no adapter format to write
+    if adapter and spec.model.gguf_file:
+        merge = True  # adapter_config.json names a base folder; without gguf_file no one else can load that base
     if merge:
         if not method.mergeable:
             mergeable = [m for m in METHODS.names() if METHODS.get(m).mergeable]
