@@ -116,8 +116,7 @@ def child(scenario: str, exports: list[str], port: int) -> None:
         serve.run_many(targets)
         server = server_mod.RunningServer(url=f"http://127.0.0.1:{port}", models=models)
     print(f"READY {server.url}", flush=True)
-    server_mod._wait_for_signal()
-    server.shutdown()
+    server.serve_until_signal()
     ray.shutdown()
 
 

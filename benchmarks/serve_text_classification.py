@@ -103,8 +103,7 @@ def child_serve(export: str, port: int, replicas: int, env_json: str | None, dir
         target = next(t for g in groups if g.protocol == "HTTP" for t in g.targets)
         url = f"http://127.0.0.1:{target.port}/v1/models/minilm/predict"
     print(f"READY {url}", flush=True)
-    server_mod._wait_for_signal()
-    server.shutdown()
+    server.serve_until_signal()
     session.__exit__(None, None, None)
 
 

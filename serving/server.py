@@ -25,7 +25,7 @@ import socket
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -142,6 +142,14 @@ class RunningServer:
             self._stopped = True
             if self.state_dir:
                 shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def serve_until_signal(self, signals: _StopSignals | None = None) -> None:
+        """Block until SIGINT/SIGTERM, then drain in-flight requests and stop (a second signal stops at once).
+        `signals`: handlers already installed before the start (serve_exports), else installed now."""
+        with nullcontext(signals) if signals is not None else _StopSignals() as installed:
+            installed.wait()
+            print("tunefleet: draining in-flight requests, then stopping", flush=True)
+            self.shutdown()
 
 
 def _wait_until_answering(url: str, models: list[ServedModel], timeout_s: float) -> None:
@@ -317,9 +325,7 @@ def serve_exports(
             print("tunefleet: stopped while starting; removing what was deployed", flush=True)
             shutdown()  # on a cluster given by --address; a private Ray goes with the session anyway
             raise
-        signals.wait()
-        print("tunefleet: draining in-flight requests, then stopping", flush=True)
-        server.shutdown()
+        server.serve_until_signal(signals)
     return server
 
 
