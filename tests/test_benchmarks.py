@@ -1,5 +1,5 @@
 """The benchmarks name only what tunefleet has: they run for minutes, outside the suite, so a renamed function
-they call breaks them unseen (both serve benchmarks called serving.server._wait_for_signal for a day after it
+they call breaks them unseen (both serve benchmarks called serving.server._wait_for_signal for two sessions after it
 was gone, and failed after their first server started)."""
 
 from __future__ import annotations
