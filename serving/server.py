@@ -224,6 +224,17 @@ def start_server(
         plan = plan_exports(list(export_dirs or []), names, settings)  # every problem before any Ray time
     spec = settings or plan.settings
     env = {**ingress_env_vars(ingress), **SERVE_ENV_VARS, **(env_vars or {})}
+    state_dir = env.get("RAY_SERVE_HAPROXY_SERVER_STATE_BASE")
+    try:
+        return _deploy(plan, spec, env, host, port, ready_timeout_s, state_dir)
+    except BaseException:  # a failed or interrupted start (SIGINT) leaves no HAProxy folder behind in /tmp
+        if state_dir:
+            shutil.rmtree(state_dir, ignore_errors=True)
+        raise
+
+
+def _deploy(plan: ServePlan, spec: ServeSpec, env: dict[str, str], host: str, port: int, ready_timeout_s: float,
+            state_dir: str | None) -> RunningServer:
     serve.start(
         http_options={"host": host, "port": port},
         controller_options={"runtime_env": {"env_vars": env}} if env else None,
@@ -251,8 +262,8 @@ def start_server(
     if page_writer is not None:
         page_writer.join(timeout=5)  # HAProxy answers, so Ray wrote its page, unless this Serve was already running
         deployed.set()
-    return RunningServer(url=url, models=models, state_dir=env.get("RAY_SERVE_HAPROXY_SERVER_STATE_BASE"),
-                         adapters=list(plan.adapters), endpoint_id=plan.endpoint_id)
+    return RunningServer(url=url, models=models, state_dir=state_dir, adapters=list(plan.adapters),
+                         endpoint_id=plan.endpoint_id)
 
 
 def shutdown() -> None:

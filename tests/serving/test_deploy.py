@@ -35,3 +35,20 @@ def test_the_root_replica_loads_without_torch(tiny_export, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "", f"the root replica imported {out.stdout.strip()}"
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt("SIGINT while the server was starting"), RuntimeError("deploy")])
+def test_a_start_that_fails_leaves_no_haproxy_folder(tiny_export, tmp_path, monkeypatch, failure):
+    """Each start makes a private HAProxy folder in /tmp; one interrupted or failed start left it there for good."""
+    import tempfile
+
+    import serving.server as server_mod
+
+    def fail(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(server_mod.serve, "start", fail)  # the deploy's first step: Ray is never needed
+    with pytest.raises(type(failure)):
+        server_mod.start_server([str(tiny_export)])
+    assert not list(tmp_path.glob("tf-haproxy-*"))
