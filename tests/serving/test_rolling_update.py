@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import threading
@@ -33,6 +34,7 @@ def test_new_export_rolls_out_without_a_failed_request(local_ray, tiny_export: P
     server = start_server([tiny_export], names=["m"], port=port, settings=settings)
     statuses: list[int] = []
     stop = threading.Event()
+    update = None
 
     def load() -> None:
         with httpx.Client(base_url=server.url, timeout=30) as client:
@@ -49,7 +51,7 @@ def test_new_export_rolls_out_without_a_failed_request(local_ray, tiny_export: P
         for thread in threads:
             thread.start()
         time.sleep(3)
-        start_server([second], names=["m"], port=port, settings=settings)  # Serve replaces replicas one by one
+        update = start_server([second], names=["m"], port=port, settings=settings)  # Serve replaces replicas one by one
         time.sleep(5)
         stop.set()
         for thread in threads:
@@ -59,6 +61,9 @@ def test_new_export_rolls_out_without_a_failed_request(local_ray, tiny_export: P
     finally:
         stop.set()
         server.shutdown()
+        if update is not None:
+            update.shutdown()  # Serve is gone already; this removes the update's own HAProxy folder from /tmp
     assert after != before, "the new export was not deployed"
+    assert not [d for d in (server.state_dir, update.state_dir) if os.path.exists(d)], "HAProxy folders left in /tmp"
     failed = [s for s in statuses if s != 200]
     assert len(statuses) > 50 and not failed, f"{len(failed)} of {len(statuses)} requests failed: {sorted(set(failed))}"
