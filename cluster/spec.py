@@ -22,6 +22,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, Va
                       model_validator)
 
 from cluster.errors import JobSpecError, Problem  # noqa: F401  (re-exported)
+from cluster.model_checks import gguf_problems, model_storage_of
 from cluster.scale_spec import DeepSpeedSpec, deepspeed_problems
 from cluster.spec_paths import looks_like_local_path, path_problems, resolve_paths  # noqa: F401  (re-exported)
 from serving.config import ServeSpec
@@ -370,39 +371,13 @@ def validate_job(
         problems.extend(Problem(path=p, message=m, value=v) for p, m, v in TASKS.get(partial.task).check_data(resolved))
     model_storage = None
     if spec is not None and spec.model.path.startswith(STORAGE_URI_SCHEMES):
-        model_storage, problem = _model_storage(spec.model.path, check_data, spec.model.gguf_file)
+        model_storage, problem = model_storage_of(spec.model.path, check_data, spec.model.gguf_file)
         problems.extend([problem] if problem else [])
     if problems:
         raise JobSpecError(problems, source)
     spec = resolve_paths(spec, base)
     spec.model._storage = model_storage  # private: the job's YAML and its dump keep the URI
     return spec
-
-
-def _model_storage(uri: str, check: bool, gguf_file: str | None) -> tuple[Any, Problem | None]:
-    """The StorageDir of a model named by a storage URI; with `check`, a folder without config.json (or
-    without its `gguf_file`, which stands in for config.json), or one that cannot be read, is a problem here,
-    before any cluster time."""
-    from cluster.storage import StorageError, resolve_storage
-
-    try:
-        storage = resolve_storage(uri)
-    except StorageError as err:
-        return None, Problem(path="model", message=str(err).removeprefix("output.storage: "), value=uri)
-    if check:
-        try:
-            found = storage.exists(gguf_file or "config.json")
-        except OSError as err:
-            return None, Problem(path="model", message=f"cannot read {uri}: {err}; check the credentials and "
-                                 "endpoint (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, GOOGLE_APPLICATION_CREDENTIALS)",
-                                 value=uri)
-        if not found and gguf_file:
-            return None, Problem(path="model", message=f"no {gguf_file} (model.gguf_file) in {uri}: give the "
-                                 "folder that holds the GGUF file, or correct gguf_file", value=uri)
-        if not found:
-            return None, Problem(path="model", message=f"no config.json in {uri}: give the folder that "
-                                 "save_pretrained() wrote", value=uri)
-    return storage, None
 
 
 def _valid_sections(data: dict[str, Any]) -> SimpleNamespace:
@@ -476,7 +451,7 @@ def _cross_field_problems(spec: Any) -> list[Problem]:
         problems.extend(Problem(path=p, message=m, value=v) for p, m, v in TASKS.get(spec.task).check_spec(spec))
         if spec.data.streaming:
             problems.extend(_streaming_problems(spec))
-    problems.extend(_gguf_problems(spec, task_known))
+    problems.extend(gguf_problems(spec, task_known))
     # serve: replica and batching bounds are ServeSpec's own validators (serving/config.py).
     train = spec.train
     if train is not None and isinstance(train.class_weights, list) and any(w <= 0 for w in train.class_weights):
@@ -487,24 +462,6 @@ def _cross_field_problems(spec: Any) -> list[Problem]:
         problems.extend(Problem(path=p, message=m, value=v) for p, m, v in optimizer_problems(
             train.optimizer, spec.scale.use_gpu, spec.scale.deepspeed is not None))
     return problems
-
-
-def _gguf_problems(spec: Any, task_known: bool) -> list[Problem]:
-    """A GGUF base is read only by tunefleet (from_pretrained with gguf_file): an adapter export names its base in
-    adapter_config.json, which has no gguf_file, so the export merges the adapter; one that cannot merge is refused."""
-    if spec.model is None or not spec.model.gguf_file:
-        return []
-    if task_known and spec.task != "causal-lm":
-        return [Problem(path="model.gguf_file", message=f"GGUF files hold causal language models; task {spec.task} "
-                        "loads a Hugging Face folder: remove gguf_file", value=spec.model.gguf_file)]
-    method = METHODS.get(spec.method.name) if spec.method is not None and spec.method.name in METHODS else None
-    if method is not None and method.export_kind == "adapter" and not method.mergeable:
-        mergeable = [m for m in METHODS.names() if METHODS.get(m).mergeable]
-        return [Problem(path="method.name", message="cannot merge into a GGUF base, and its export could not name "
-                        f"that base (adapter_config.json has no gguf_file): use full or {', '.join(mergeable)}, or "
-                        "convert the GGUF once to a Hugging Face folder (training.gguf.convert_gguf, as "
-                        "benchmarks/prepare_smollm2.py does) and name that folder in model", value=spec.method.name)]
-    return []
 
 
 def _streaming_problems(spec: Any) -> list[Problem]:
