@@ -1,13 +1,18 @@
-"""What the benchmark scripts share: a free port on 127.0.0.1, stopping a scenario's process, AG News texts."""
+"""What the benchmark scripts share: a free port on 127.0.0.1, stopping a scenario's process, AG News texts,
+a working folder that goes when the run ends."""
 
 from __future__ import annotations
 
 import csv
 import itertools
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 AG_NEWS_TEST = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ag_news" / "test.csv"
@@ -38,3 +43,14 @@ def stop_scenario(proc: subprocess.Popen, timeout_s: float = 120) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+@contextmanager
+def scratch_dir(prefix: str) -> Iterator[Path]:
+    """A working folder in the temp dir for one benchmark run (its data splits, exports, run directories),
+    removed when the run ends, failed or interrupted included: they are hundreds of MB a run."""
+    directory = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

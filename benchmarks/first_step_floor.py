@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -29,6 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import scratch_dir  # noqa: E402
 from train_text_classification import AG_NEWS, REPO, RESULTS, minilm, split_ag_news, tunefleet_job  # noqa: E402
 
 
@@ -66,6 +68,7 @@ def bare(mode: str, started: float) -> None:
                      run_config=RunConfig(storage_path=f"{temp}/storage", name="floor")).fit()
     finally:
         ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def measure(name: str, job: Path, repeat: int) -> float:
@@ -97,15 +100,15 @@ def main() -> int:
         return 0
     if not AG_NEWS.exists():
         sys.exit(f"{AG_NEWS} not found: run from a checkout with ../shared beside it")
-    directory = Path(tempfile.mkdtemp(prefix="tf-floor-"))
-    train, validation = split_ag_news(directory)
-    job = tunefleet_job(directory, train, validation, 1)
     names = ["bare_trivial", "bare_minilm", "tunefleet"]
     seconds: dict[str, list[float]] = {name: [] for name in names}
-    for repeat in range(args.repeats):
-        for name in names if repeat % 2 == 0 else names[::-1]:
-            seconds[name].append(measure(name, job, repeat))
-            print(f"  {name}: {seconds[name][-1]:.1f} s", flush=True)
+    with scratch_dir("tf-floor-") as directory:  # the split and tunefleet's run directories
+        train, validation = split_ag_news(directory)
+        job = tunefleet_job(directory, train, validation, 1)
+        for repeat in range(args.repeats):
+            for name in names if repeat % 2 == 0 else names[::-1]:
+                seconds[name].append(measure(name, job, repeat))
+                print(f"  {name}: {seconds[name][-1]:.1f} s", flush=True)
     medians = {name: statistics.median(values) for name, values in seconds.items()}
     result = {"seconds": seconds, "median_seconds": medians,
               "tunefleet_over_bare_minilm": medians["tunefleet"] / medians["bare_minilm"],

@@ -28,6 +28,7 @@ import itertools
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import free_port, stop_scenario  # noqa: E402
+from common import free_port, scratch_dir, stop_scenario  # noqa: E402
 
 TEXT = ("Wall St. Bears Claw Back Into the Black (Reuters) Reuters - Short-sellers, Wall Street's dwindling "
         "band of ultra-cynics, are seeing green again as the stock market recovers from a summer slump.")
@@ -78,16 +79,25 @@ def build_adapters(dest: Path, count: int) -> list[Path]:
 
 
 def child(scenario: str, exports: list[str], port: int) -> None:
+    """One scenario's server on its own private Ray, whose temp dir goes with it (a failed start included)."""
     import ray
 
+    temp = tempfile.mkdtemp(prefix="tfr-", dir="/tmp")
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False, configure_logging=False)
+        serve_scenario(scenario, exports, port)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def serve_scenario(scenario: str, exports: list[str], port: int) -> None:
     import serving.server as server_mod
     from serving import ServeSpec
     from serving.app import ROOT_APP_NAME, build_model_app, build_root_app
     from serving.catalog import load_served_model
     from serving.plan import ModelRequest, make_plan
 
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="tfr-", dir="/tmp"),
-             log_to_driver=False, configure_logging=False)
     common = dict(max_batch_size=16, batch_wait_ms=5, max_ongoing_requests=64)
     if scenario.startswith("multiplexed"):
         from serving import model_store
@@ -117,7 +127,6 @@ def child(scenario: str, exports: list[str], port: int) -> None:
         server = server_mod.RunningServer(url=f"http://127.0.0.1:{port}", models=models)
     print(f"READY {server.url}", flush=True)
     server.serve_until_signal()
-    ray.shutdown()
 
 
 # --- measuring -----------------------------------------------------------------------------------
@@ -285,13 +294,14 @@ def main() -> None:
     if args.child:
         return child(args.child, args.exports, args.port)
 
-    exports = [str(e) for e in build_adapters(Path(tempfile.mkdtemp(prefix="tf-lora-adapters-")), args.adapters)]
     results = {}
-    for name in args.only:
-        results[name] = run_scenario(name, exports, args)
-        short = {k: v for k, v in results[name].items() if k != "memory"}
-        print(f"{name:20s} {json.dumps(short)}  replicas RSS {results[name]['memory']['replica_rss_mib']} MiB",
-              flush=True)
+    with scratch_dir("tf-lora-adapters-") as directory:
+        exports = [str(e) for e in build_adapters(directory, args.adapters)]
+        for name in args.only:
+            results[name] = run_scenario(name, exports, args)
+            short = {k: v for k, v in results[name].items() if k != "memory"}
+            print(f"{name:20s} {json.dumps(short)}  replicas RSS {results[name]['memory']['replica_rss_mib']} MiB",
+                  flush=True)
     print(f"\n{'scenario':20s} {'replicas':>8s} {'RSS MiB':>8s} {'PSS MiB':>8s} {'req/s':>7s} {'p50 ms':>7s} "
           f"{'p99 ms':>7s}  ready s  load 1m")
     for name, r in results.items():

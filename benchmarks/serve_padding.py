@@ -18,14 +18,13 @@ import json
 import random
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import ag_news_texts  # noqa: E402
+from common import ag_news_texts, scratch_dir  # noqa: E402
 
 DATASETS = ROOT.parent / "shared" / "datasets"
 BATCH = 16
@@ -106,8 +105,9 @@ def main() -> None:
              "token-classification": (NER_TAGS, conll_items(count))}
     results = {}
     for task, (labels, items) in tasks.items():
-        export = minilm_export(Path(tempfile.mkdtemp(prefix="tf-padding-")), task, labels)
-        results[task] = measure(load_handler(export, ServeSpec(num_cpus=2, dtype="float32")), items, args.rounds)
+        with scratch_dir("tf-padding-") as directory:
+            export = minilm_export(directory, task, labels)
+            results[task] = measure(load_handler(export, ServeSpec(num_cpus=2, dtype="float32")), items, args.rounds)
         r = results[task]
         print(f"{task:21s} {r['mean_tokens']:5.1f} tokens, {100 * r['real_token_share']:.0f}% of a batch real: "
               f"packed {r['packed_seq_per_s']} vs padded {r['padded_seq_per_s']} seq/s -> {r['median_ratio']:.2f}x",

@@ -15,12 +15,12 @@ Results print and go to benchmarks/results/serve_precision.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import train_text_classification as train_bench  # noqa: E402
+from common import scratch_dir  # noqa: E402
 
 BATCH = 16
 
@@ -72,15 +73,15 @@ def main() -> None:
     args = parser.parse_args()
     args.dtypes = ["float32", *(d for d in dict.fromkeys(args.dtypes) if d != "float32")]
 
-    if args.export_dir:
-        export, validation = Path(args.export_dir), Path(args.validation or "")
-    else:
-        export, validation = trained_export(Path(tempfile.mkdtemp(prefix="tf-precision-")))
-    labels = [line.strip() for line in (train_bench.AG_NEWS / "classes.txt").open() if line.strip()]
-    rows = [(f"{title} {body}", labels[int(label) - 1])
-            for label, title, body in list(csv.reader(validation.open(encoding="utf-8")))[: args.limit]]
-
-    runs = {dtype: measure(export, rows, dtype, args.alone) for dtype in args.dtypes}
+    with contextlib.ExitStack() as stack:
+        if args.export_dir:
+            export, validation = Path(args.export_dir), Path(args.validation or "")
+        else:  # trained here, in a folder removed at the end (~90 MB and a run directory)
+            export, validation = trained_export(stack.enter_context(scratch_dir("tf-precision-")))
+        labels = [line.strip() for line in (train_bench.AG_NEWS / "classes.txt").open() if line.strip()]
+        rows = [(f"{title} {body}", labels[int(label) - 1])
+                for label, title, body in list(csv.reader(validation.open(encoding="utf-8")))[: args.limit]]
+        runs = {dtype: measure(export, rows, dtype, args.alone) for dtype in args.dtypes}
     gold = [label for _, label in rows]
     exact = runs["float32"]["outputs"]
     results = {}
@@ -98,7 +99,8 @@ def main() -> None:
         results[dtype]["accuracy_difference_points"] = round(100 * (results[dtype]["accuracy"]
                                                                     - results["float32"]["accuracy"]), 2)
         results[dtype]["speedup_over_float32"] = round(results[dtype]["seq_per_s"] / results["float32"]["seq_per_s"], 2)
-    summary = {"rows": len(rows), "batch": BATCH, "export": str(export), "results": results}
+    summary = {"rows": len(rows), "batch": BATCH, "export": args.export_dir or "trained by this run (removed)",
+               "results": results}
     for dtype, r in results.items():
         print(f"{dtype:9s} accuracy {r['accuracy']:.4f} ({r['accuracy_difference_points']:+.2f} pt)  "
               f"{r['seq_per_s']:7.1f} seq/s ({r['speedup_over_float32']:.2f}x)  "

@@ -37,7 +37,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -101,6 +100,7 @@ def job(kind: str, method: str, steps: int, directory: Path) -> dict:
                          "limit": {"train": TEXT["train_rows"], "validation": TEXT["eval_rows"]}},
                 "method": {"name": method, **options}, "train": {**train, "batch_size": TEXT["batch"]},
                 "output": {"storage": str(directory / "runs")}}
+    from common import scratch_dir
     from prepare_smollm2 import prepare
 
     return {"name": "methods-lm", "task": LM["task"], "model": str(prepare()),
@@ -255,29 +255,29 @@ def main() -> int:
     from training.methods import METHODS as REGISTRY
 
     prepare()  # converts the GGUF once, before any timed run
-    directory = Path(tempfile.mkdtemp(prefix="tf-methods-"))
     started, rows, skipped = time.time(), [], []
     load_before = _load_average()
-    for kind in args.kinds.split(","):
-        task = TEXT["task"] if kind == "text" else LM["task"]
-        for method in args.methods.split(","):
-            if method == "pretrained" and kind != "lm":
-                continue  # a text classifier's new head is random before training: nothing to compare with
-            fits = REGISTRY.get(method).tasks if method != "pretrained" else {task}
-            if task not in fits:
-                skipped.append({"kind": kind, "method": method, "why": f"the registry refuses {method} for {task}"})
-                continue
-            print(f"{kind} {method}: running (load average {_load_average()[0]})...", flush=True)
-            out = subprocess.run([sys.executable, __file__, "--child", f"{kind}:{method}", "--data", str(directory),
-                                  "--text-steps", str(args.text_steps), "--lm-steps", str(args.lm_steps),
-                                  "--threads", str(args.threads)], capture_output=True, text=True, cwd=REPO)
-            lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-            if out.returncode or not lines:
-                print(out.stdout[-3000:], out.stderr[-3000:], file=sys.stderr)
-                skipped.append({"kind": kind, "method": method, "why": f"failed: {out.stderr.strip()[-300:]}"})
-                continue
-            rows.append({"kind": kind, **json.loads(lines[-1][7:])})
-            print("  " + _row(rows[-1]), flush=True)
+    with scratch_dir("tf-methods-") as directory:  # the data splits and every run directory
+        for kind in args.kinds.split(","):
+            task = TEXT["task"] if kind == "text" else LM["task"]
+            for method in args.methods.split(","):
+                if method == "pretrained" and kind != "lm":
+                    continue  # a text classifier's new head is random before training: nothing to compare with
+                fits = REGISTRY.get(method).tasks if method != "pretrained" else {task}
+                if task not in fits:
+                    skipped.append({"kind": kind, "method": method, "why": f"the registry refuses {method} for {task}"})
+                    continue
+                print(f"{kind} {method}: running (load average {_load_average()[0]})...", flush=True)
+                out = subprocess.run([sys.executable, __file__, "--child", f"{kind}:{method}", "--data", str(directory),
+                                      "--text-steps", str(args.text_steps), "--lm-steps", str(args.lm_steps),
+                                      "--threads", str(args.threads)], capture_output=True, text=True, cwd=REPO)
+                lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+                if out.returncode or not lines:
+                    print(out.stdout[-3000:], out.stderr[-3000:], file=sys.stderr)
+                    skipped.append({"kind": kind, "method": method, "why": f"failed: {out.stderr.strip()[-300:]}"})
+                    continue
+                rows.append({"kind": kind, **json.loads(lines[-1][7:])})
+                print("  " + _row(rows[-1]), flush=True)
 
     def find(kind, method):
         return next((r for r in rows if r["kind"] == kind and r["method"] == method), None)

@@ -19,13 +19,14 @@ import os
 import random
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import psutil
 import yaml
+
+from common import scratch_dir
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -111,24 +112,24 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=20000)
     parser.add_argument("--factor", type=int, default=10)
     args = parser.parse_args()
-    directory = Path(tempfile.mkdtemp(prefix="tf-memory-"))
-    model = tiny_model(directory / "model")
-    dev = directory / "dev.csv"
-    write_csv(dev, 500, seed=0)
-    sizes = {"1x": args.rows, f"{args.factor}x": args.rows * args.factor}
-    files = {}
-    for name, rows in sizes.items():
-        files[name] = directory / f"train-{name}.csv"
-        write_csv(files[name], rows, seed=1)
-    results: dict = {"rows": sizes, "load_average_at_start": os.getloadavg()}
-    for mode in ("in_memory", "streaming"):
-        for name in sizes:
-            label = f"{mode}-{name}"
-            print(f"running {label} ({sizes[name]} rows)...", flush=True)
-            results[label] = run(directory, model, files[name], dev, mode == "streaming", label)
-            print(f"  {results[label]}", flush=True)
+    with scratch_dir("tf-memory-") as directory:  # the model, the CSVs (up to 200,000 rows), the runs
+        model = tiny_model(directory / "model")
+        dev = directory / "dev.csv"
+        write_csv(dev, 500, seed=0)
+        sizes = {"1x": args.rows, f"{args.factor}x": args.rows * args.factor}
+        files = {}
+        for name, rows in sizes.items():
+            files[name] = directory / f"train-{name}.csv"
+            write_csv(files[name], rows, seed=1)
+        results: dict = {"rows": sizes, "load_average_at_start": os.getloadavg()}
+        for mode in ("in_memory", "streaming"):
+            for name in sizes:
+                label = f"{mode}-{name}"
+                print(f"running {label} ({sizes[name]} rows)...", flush=True)
+                results[label] = run(directory, model, files[name], dev, mode == "streaming", label)
+                print(f"  {results[label]}", flush=True)
     big = f"{args.factor}x"
-    results["ratios_10x_over_1x"] = {
+    results[f"ratios_{big}_over_1x"] = {
         mode: {key: round(results[f"{mode}-{big}"][key] / max(results[f"{mode}-1x"][key], 1), 2)
                for key in ("worker_peak_mib", "driver_peak_mib", "tree_peak_mib")}
         for mode in ("in_memory", "streaming")}
@@ -139,7 +140,7 @@ def main() -> int:
             r = results[f"{mode}-{name}"]
             print(f"{mode + ' ' + name:22}{r.get('worker_peak_mib', 0):>12}{r.get('driver_peak_mib', 0):>12}"
                   f"{r.get('tree_peak_mib', 0):>12}{r['seconds']:>10}")
-    print(f"10x / 1x: {json.dumps(results['ratios_10x_over_1x'])}")
+    print(f"{big} / 1x: {json.dumps(results[f'ratios_{big}_over_1x'])}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "train_streaming_memory.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {RESULTS / 'train_streaming_memory.json'}")

@@ -33,7 +33,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -195,7 +194,7 @@ def run_hf_trainer(train: Path, validation: Path, steps: int, threads: int, best
 
     extra = {"train_sampling_strategy": "group_by_length"} if best else {}
     args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=BATCH, learning_rate=LR,
+        output_dir=str(train.parent / "hf-trainer"), max_steps=steps, per_device_train_batch_size=BATCH, learning_rate=LR,
         warmup_steps=int(0.06 * steps), weight_decay=0.01, seed=SEED, report_to=[], save_strategy="no",
         logging_steps=50, dataloader_num_workers=0, use_cpu=True, bf16=PRECISION == "bf16", **extra,
     )
@@ -275,6 +274,8 @@ def main() -> int:
     parser.add_argument("--only", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.steps < 20:  # tunefleet's rate is taken between its first and last loss records, 10 steps apart
+        parser.error(f"--steps {args.steps}: at least 20, so that tunefleet's run logs two loss records to time")
     global PRECISION
     PRECISION = args.precision
     if args.only:  # child process: one configuration
@@ -284,20 +285,22 @@ def main() -> int:
         return 0
     if not AG_NEWS.exists():
         sys.exit(f"{AG_NEWS} not found: run from a checkout with ../shared beside it")
-    directory = Path(tempfile.mkdtemp(prefix="tf-bench-"))
-    split_ag_news(directory)
+    from common import scratch_dir
+
     results = {}
-    for name in CONFIGS:
-        print(f"running {name} ({args.steps} steps)...", flush=True)
-        out = subprocess.run([sys.executable, __file__, "--only", name, "--data", str(directory), "--steps",
-                              str(args.steps), "--threads", str(args.threads), "--precision", PRECISION],
-                             capture_output=True, text=True, cwd=REPO)
-        lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-        if out.returncode or not lines:
-            print(out.stdout[-3000:], out.stderr[-3000:], file=sys.stderr)
-            return 1
-        results[name] = json.loads(lines[-1][7:])
-        print(f"  {name}: {results[name]}", flush=True)
+    with scratch_dir("tf-bench-") as directory:  # the split, the run directories, the Trainers' output
+        split_ag_news(directory)
+        for name in CONFIGS:
+            print(f"running {name} ({args.steps} steps)...", flush=True)
+            out = subprocess.run([sys.executable, __file__, "--only", name, "--data", str(directory), "--steps",
+                                  str(args.steps), "--threads", str(args.threads), "--precision", PRECISION],
+                                 capture_output=True, text=True, cwd=REPO)
+            lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+            if out.returncode or not lines:
+                print(out.stdout[-3000:], out.stderr[-3000:], file=sys.stderr)
+                return 1
+            results[name] = json.loads(lines[-1][7:])
+            print(f"  {name}: {results[name]}", flush=True)
     peak = matmul_peak(args.threads)
     hand_tokens = results["b_hand_loop"]["padded_tokens_per_second"]
     a_over_b = results["a_tunefleet"]["samples_per_second"] / results["b_hand_loop"]["samples_per_second"]
