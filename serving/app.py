@@ -25,7 +25,7 @@ from serving.auth import token_source
 from serving.batching import Batcher
 from serving.catalog import ServedModel
 from serving.config import ServeSpec
-from serving.errors import ServingError, install_error_handlers
+from serving.errors import UPLOAD_ROUTE_KEY, ServingError, install_error_handlers
 from serving.handlers import HANDLERS, load_handler
 from serving.metrics import CONTENT_TYPE, gather_metrics, model_metrics
 from serving.middleware import install_guard
@@ -54,6 +54,7 @@ def build_model_app(model: ServedModel, spec: ServeSpec, env_vars: dict[str, str
     """The model's application: FastAPI ingress, model and dynamic batching in one deployment."""
     handler_cls = HANDLERS.get(model.info.task)
     request_model = handler_cls.request_model
+    uploads = hasattr(handler_cls, "prepare_upload")  # tasks that take files: multipart or a raw body too
     api = install_error_handlers(
         FastAPI(title=f"tunefleet model {model.name}", description=f"{model.info.task} · {model.info.base_model}")
     )
@@ -77,14 +78,15 @@ def build_model_app(model: ServedModel, spec: ServeSpec, env_vars: dict[str, str
         async def card(self) -> dict[str, Any]:
             return self.card_json
 
-        @api.post("/predict", response_model=handler_cls.response_model, responses=_ERRORS)
+        @api.post("/predict", response_model=handler_cls.response_model, responses=_ERRORS,
+                  openapi_extra={UPLOAD_ROUTE_KEY: "/predict/upload"} if uploads else None)
         async def predict(self, body: request_model) -> JSONResponse:  # type: ignore[valid-type]
             items = self.handler.prepare(body)
             outputs = await asyncio.gather(*(self.run_batch(item) for item in items))
             predictions = [self.handler.format(output, body) for output in outputs]
             return JSONResponse({"model": self.name, "predictions": predictions})
 
-        if hasattr(handler_cls, "prepare_upload"):  # tasks that take files: multipart or a raw body (serving/uploads.py)
+        if uploads:  # serving/uploads.py
 
             @api.post("/predict/upload", response_model=handler_cls.response_model, responses=_UPLOAD_ERRORS,
                       openapi_extra=UPLOAD_OPENAPI)
@@ -136,11 +138,12 @@ def build_root_app(
     settings = settings or ServeSpec()
     api = install_error_handlers(FastAPI(title="tunefleet", description="Models served by this tunefleet server."))
     install_guard(api, settings, "", admission=False)  # answers from memory: no queue of its own
-    cards = ModelList(models=[m.card() for m in models]).model_dump()
+    generative = HANDLERS.generative_tasks()
+    cards = ModelList.of([m.card() for m in models], generative).model_dump()
     names = sorted(m.name for m in models)
     routed = {m.name: m for m in models if m.route}  # on a route of their own: /v1/models/<name> is not theirs
     # POST /v1/completions and /v1/chat/completions, forwarded to the named model's app.
-    install_openai_routes(api, models, {m.name for m in models if hasattr(HANDLERS.get(m.info.task), "openai_prepare")})
+    install_openai_routes(api, models, {m.name for m in models if m.info.task in generative})
     if extra_routes is not None:  # adapters and registrations (serving/registration.py); first match wins
         extra_routes(api)
 

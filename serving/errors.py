@@ -77,6 +77,10 @@ def describe_validation_errors(errors: list[dict[str, Any]]) -> tuple[str, list[
     return line, detail
 
 
+# In a JSON route's OpenAPI extras: the route that takes the same request as uploaded files, which a 415 names.
+UPLOAD_ROUTE_KEY = "x-tunefleet-upload-route"
+
+
 def _is_json(content_type: str) -> bool:
     kind = content_type.split(";", 1)[0].strip().lower()
     return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
@@ -90,8 +94,12 @@ async def _on_validation_error(request: Request, exc: RequestValidationError) ->
     content_type = request.headers.get("content-type", "")
     if content_type and not _is_json(content_type) and any(tuple(e.get("loc", ())) == ("body",) for e in errors):
         # FastAPI passes a non-JSON body through as bytes, which then fails the schema as a whole.
-        return error_response(415, f"unsupported content type {content_type[:100]!r}: send a JSON body with "
-                                   "Content-Type: application/json", None)
+        fix = "send a JSON body with Content-Type: application/json"
+        upload = (getattr(request.scope.get("route"), "openapi_extra", None) or {}).get(UPLOAD_ROUTE_KEY)
+        if upload:  # a route of a model that takes files: say where the files go
+            fix += (f", or POST the files themselves to {request.scope.get('root_path', '')}{upload} "
+                    "(multipart/form-data, or one raw image body)")
+        return error_response(415, f"unsupported content type {content_type[:100]!r}: {fix}", None)
     line, detail = describe_validation_errors(errors)
     return error_response(422, f"invalid request: {line}", detail)
 

@@ -3,8 +3,10 @@
 Request and response bodies follow OpenAI's API, so its clients work with
 `base_url="http://127.0.0.1:8000/v1"`; `stream: true` answers server-sent events
 (`data: {chunk}` ... `data: [DONE]`). Parameters OpenAI has and these models do not
-(logprobs, penalties, n > 1, ...) are refused with a 422 naming them, as OpenAI
-refuses unknown ones. Errors keep tunefleet's `{"error": ..., "detail": ...}` body.
+implement (penalties, logit_bias, logprobs, best_of, echo, n > 1) are accepted at their
+neutral value only (0, {}, false, 1 or null: what clients such as LangChain send by
+default) and otherwise refused with a 422 naming them; unknown ones are refused, as
+OpenAI refuses them. Errors keep tunefleet's `{"error": ..., "detail": ...}` body.
 
 The routes live on the root application (the body names the model); they forward
 to the model's own deployment, whose handler prepares, generates and formats
@@ -20,7 +22,7 @@ from typing import Annotated, Any, Iterable, Literal, Union
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from serving.errors import ServingError
 from serving.schemas import ErrorBody, StopTexts, Text, UnicodeText
@@ -31,6 +33,21 @@ _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code 
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _neutral_only(*neutral: Any) -> AfterValidator:
+    """An OpenAI parameter these models do not implement: null or its neutral value passes, anything else is a 422."""
+    said = " or ".join(json.dumps(v) for v in neutral) or "null"
+
+    def check(value: Any) -> Any:
+        if value is not None and value not in neutral:
+            raise ValueError(f"not supported by this server; send {said}, or leave it out")
+        return value
+
+    return AfterValidator(check)
+
+
+Penalty = Annotated[Union[float, None], _neutral_only(0)]
 
 
 class StreamOptions(_Body):
@@ -46,6 +63,9 @@ class _Sampling(_Body):
     stream_options: StreamOptions | None = None
     n: StrictInt = Field(1, ge=1, le=1, description="Choices per prompt; only 1.")
     user: StrictStr | None = Field(None, description="Accepted and ignored.")
+    frequency_penalty: Penalty = Field(None, description="Only 0 (no penalty).")
+    presence_penalty: Penalty = Field(None, description="Only 0 (no penalty).")
+    logit_bias: Annotated[Union[dict[str, float], None], _neutral_only({})] = Field(None, description="Only {}.")
 
     def stop_list(self) -> list[str]:
         return [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else list(self.stop)
@@ -54,6 +74,10 @@ class _Sampling(_Body):
 class CompletionRequest(_Sampling):
     prompt: Union[Text, Annotated[list[Text], Field(min_length=1)]] = Field(description="A text or a list of texts.")
     max_tokens: StrictInt = Field(16, ge=1, description="Tokens generated at most per prompt (OpenAI's default, 16).")
+    logprobs: Annotated[Union[StrictInt, None], _neutral_only()] = Field(None, description="Only null.")
+    best_of: Annotated[Union[StrictInt, None], _neutral_only(1)] = Field(None, description="Only 1.")
+    echo: Annotated[Union[StrictBool, None], _neutral_only(False)] = Field(None, description="Only false.")
+    suffix: Annotated[Union[StrictStr, None], _neutral_only("")] = Field(None, description="Only null or empty.")
 
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
@@ -77,6 +101,8 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: StrictInt | None = Field(None, ge=1, description="Tokens generated at most; null: 256, or the server's limit if lower.")
     max_completion_tokens: StrictInt | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens.")
+    logprobs: Annotated[Union[StrictBool, None], _neutral_only(False)] = Field(None, description="Only false.")
+    top_logprobs: Annotated[Union[StrictInt, None], _neutral_only(0)] = Field(None, description="Only 0.")
 
     def conversation(self) -> list[dict[str, str]]:
         # "developer" is OpenAI's newer name for the system role; templates know "system".

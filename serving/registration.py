@@ -129,6 +129,9 @@ def install_adapter_routes(
 ) -> FastAPI:
     """Add the adapter and registration routes to the root app (before its catch-all 404 routes)."""
     from serving import model_store
+    from serving.handlers import HANDLERS  # here, building the app: the root replica runs without torch
+
+    generative = HANDLERS.generative_tasks()  # task names: all that the routes below carry into the replica
 
     full = {m.name: m for m in full_models}
     static = {a.name: a for a in adapters}
@@ -212,7 +215,7 @@ def install_adapter_routes(
         registered = [AdapterEntry.from_json(e) for e in await the_registry().all.remote()]
         cards = [m.card() for m in full.values()] + [a.card() for a in static.values()]
         cards += [e.card() for e in registered if e.name not in static]
-        return ModelList(models=cards).model_dump()
+        return ModelList.of(cards, generative).model_dump()
 
     @api.post("/v1/models/{name}/predict", response_model=PredictResponse, responses=_ERRORS,
               summary="Predict with an adapter", openapi_extra={"requestBody": _PREDICT_BODY})

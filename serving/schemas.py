@@ -9,7 +9,8 @@ Every error is `ErrorBody`: what was wrong in `error`, specifics in `detail`.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Union
+from collections.abc import Collection
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, StrictInt, StrictStr, Tag, field_validator
 
@@ -135,8 +136,26 @@ class ModelCard(BaseModel):
     version: str = Field(description="Digest of the export's tunefleet.json: changes with every export.")
 
 
+class OpenAIModel(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "tunefleet"
+
+
 class ModelList(BaseModel):
     models: list[ModelCard]
+    # OpenAI's shape of the list beside tunefleet's: OpenAI clients (`client.models.list()`, chat UIs) read `data`.
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel] = Field(
+        default_factory=list,
+        description="The models /v1/completions and /v1/chat/completions serve, as OpenAI lists them.",
+    )
+
+    @classmethod
+    def of(cls, cards: list[ModelCard], generative_tasks: Collection[str]) -> "ModelList":
+        """`generative_tasks`: the tasks whose models answer the OpenAI routes."""
+        return cls(models=cards, data=[OpenAIModel(id=card.name) for card in cards if card.task in generative_tasks])
 
 
 class Health(BaseModel):

@@ -14,6 +14,7 @@ import base64
 import binascii
 import io
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Union
 
@@ -31,6 +32,7 @@ from training.layout import MODEL_WEIGHTS, TORCHVISION_CONFIG_FILE, ExportInfo
 
 # Past this many pixels an image answers 413 before it is decoded (a small file can hold a huge image).
 MAX_IMAGE_PIXELS = 40_000_000
+URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://")  # ':' is not base64: never an image's base64
 Scored = list[tuple[str, float]]
 
 
@@ -69,6 +71,11 @@ class ImageClassificationResponse(PredictResponse):
 def decode_base64(text: str, index: int, max_bytes: int) -> bytes:
     if text.startswith("data:"):
         text = text.partition(",")[2]
+    elif URL.match(text.strip()):
+        # What `pipeline(...)` takes. Not fetched: the server would reach, for any client, what only it can reach.
+        raise ServingError(422, f"inputs[{index}] is a URL ({text[:80]}): the server does not fetch URLs; send "
+                                "the image file's bytes base64-encoded, or POST the file itself to this model's "
+                                "/predict/upload")
     text = "".join(text.split())  # line breaks of MIME-style base64
     if len(text) * 3 // 4 > max_bytes:
         raise ServingError(413, f"inputs[{index}] is too large: about {len(text) * 3 // 4} bytes, at most {max_bytes}",

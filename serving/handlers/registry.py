@@ -44,6 +44,10 @@ class HandlerRegistry:
     def names(self) -> list[str]:
         return sorted(self._handlers)
 
+    def generative_tasks(self) -> frozenset[str]:
+        """The tasks whose handler answers the OpenAI-compatible routes (serving/openai_compat.py)."""
+        return frozenset(task for task, handler in self._handlers.items() if hasattr(handler, "openai_prepare"))
+
     def __contains__(self, task: object) -> bool:
         return task in self._handlers
 

@@ -117,8 +117,12 @@ def test_train_export_pipeline_serve_openai(tmp_path, tiny_causal_lm):
 
 
 def _check_http(client: httpx.Client) -> None:
-    card = client.get("/v1/models").json()["models"][0]
+    listing = client.get("/v1/models").json()
+    card = listing["models"][0]
     assert card["name"] == "tiny-lm" and card["task"] == "causal-lm"
+    # and in OpenAI's shape, which OpenAI clients' models.list() and chat UIs read
+    assert listing["object"] == "list"
+    assert listing["data"] == [{"id": "tiny-lm", "object": "model", "created": 0, "owned_by": "tunefleet"}]
 
     predict = client.post("/v1/models/tiny-lm/predict",
                           json={"inputs": ["the cat", "a bird"], "parameters": {"max_new_tokens": 6, "stop": "."}})
@@ -127,8 +131,10 @@ def _check_http(client: httpx.Client) -> None:
     assert len(outputs) == 2 and all(any(v in o["generated_text"] for v in LM_VERBS) for o in outputs), outputs
     assert all("." not in o["generated_text"] for o in outputs)  # the text before the stop
 
+    # With the neutral values OpenAI clients send by default (LangChain's completions wrapper: no penalties, one choice)
     completion = client.post("/v1/completions", json={"model": "tiny-lm", "prompt": "the dog", "max_tokens": 6,
-                                                       "temperature": 0})
+                                                       "temperature": 0, "top_p": 1, "n": 1, "best_of": 1,
+                                                       "frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}})
     assert completion.status_code == 200, completion.text
     body = completion.json()
     assert body["object"] == "text_completion" and body["model"] == "tiny-lm"
@@ -161,6 +167,8 @@ def _check_http(client: httpx.Client) -> None:
         ("/v1/completions", {"model": "tiny-lm", "prompt": "x" * 3000}, 413, "characters"),
         ("/v1/completions", {"model": "tiny-lm", "prompt": "the cat " * 200, "stream": True}, 413, "context"),
         ("/v1/completions", {"model": "tiny-lm", "prompt": "x", "logprobs": 2}, 422, "logprobs"),
+        ("/v1/chat/completions", {"model": "tiny-lm", "messages": [{"role": "user", "content": "x"}],
+                                  "presence_penalty": 0.5}, 422, "presence_penalty: not supported by this server; send 0"),
         ("/v1/completions", {"model": "tiny-lm"}, 422, "prompt"),
         ("/v1/chat/completions", {"model": "tiny-lm", "messages": [{"role": "robot", "content": "x"}]}, 422, "role"),
         ("/v1/chat/completions", {"model": "tiny-lm", "messages": []}, 422, "messages"),

@@ -92,3 +92,25 @@ def test_limits_and_bad_parameters_are_4xx(handler, payload, status, words):
     with pytest.raises(ServingError) as caught:
         handler.predict(parse_request(handler, payload))
     assert caught.value.status == status and words in caught.value.error
+
+
+def test_openai_parameters_without_an_effect_pass_at_their_neutral_value_only():
+    """Clients send OpenAI's defaults (LangChain: penalties 0, best_of 1, logit_bias {}): accepted, as they change
+    nothing; any other value of a parameter these models do not implement is refused, naming it."""
+    import pydantic
+
+    user = [{"role": "user", "content": "hi"}]
+    ChatCompletionRequest(model="m", messages=user, frequency_penalty=0, presence_penalty=0.0, logit_bias={},
+                          logprobs=False, top_logprobs=0, n=1)
+    CompletionRequest(model="m", prompt="x", best_of=1, echo=False, logprobs=None, suffix="", frequency_penalty=0)
+    for model, field, value, fix in ((ChatCompletionRequest, "frequency_penalty", 0.5, "send 0"),
+                                     (ChatCompletionRequest, "logit_bias", {"50256": -100}, "send {}"),
+                                     (ChatCompletionRequest, "logprobs", True, "send false"),
+                                     (CompletionRequest, "logprobs", 0, "send null"),
+                                     (CompletionRequest, "best_of", 2, "send 1"),
+                                     (CompletionRequest, "echo", True, "send false")):
+        body = {"model": "m", **({"messages": user} if model is ChatCompletionRequest else {"prompt": "x"})}
+        with pytest.raises(pydantic.ValidationError) as caught:
+            model.model_validate({**body, field: value})
+        (error,) = caught.value.errors()
+        assert error["loc"] == (field,) and fix in error["msg"], error

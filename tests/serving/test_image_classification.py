@@ -91,6 +91,7 @@ def test_bad_inputs_get_their_4xx(torchvision_export, monkeypatch):
     jpeg = _png(size=(200, 200), fmt="JPEG")
     cases = [
         ("not base64 at all!", 422, "inputs[0] is not valid base64"),
+        ("https://example.com/ant.jpg", 422, "inputs[0] is a URL (https://example.com/ant.jpg): the server does not fetch"),
         (_b64(b"%PDF-1.7 a document"), 415, "inputs[0] is not an image"),
         ([_b64(_png()), _b64(jpeg[: len(jpeg) // 2])], 415, "inputs[1] is a damaged or truncated image"),
         ([], 422, "must hold at least one image"),

@@ -70,8 +70,10 @@ def test_start_does_not_say_its_own_options_were_ignored(server) -> None:
 
 def test_health_and_model_list(client: httpx.Client) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
-    models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
+    listing = client.get("/v1/models").json()
+    models = {m["name"]: m for m in listing["models"]}
     assert set(models) == {MODEL, "minilm"}
+    assert listing["object"] == "list" and listing["data"] == []  # OpenAI's list: classifiers answer no OpenAI route
     card = models[MODEL]
     assert card["task"] == "text-classification" and set(card["labels"]) == LABELS
     assert card["base_model"] == "tiny-bert" and len(card["version"]) == 12
