@@ -117,14 +117,15 @@ def serve_scenario(scenario: str, exports: list[str], port: int) -> None:
 
         spec = ServeSpec(min_replicas=1, max_replicas=1, num_cpus=2 / len(exports), **common)
         models = [load_served_model(e) for e in exports]
+        env = server_mod.ingress_env_vars()  # makes HAProxy's folder: once, and the server's shutdown removes it
         serve.start(http_options={"host": "127.0.0.1", "port": port},
-                    controller_options={"runtime_env": {"env_vars": server_mod.ingress_env_vars()}})
-        env = server_mod.ingress_env_vars()
+                    controller_options={"runtime_env": {"env_vars": env}})
         targets = [serve.RunTarget(build_root_app(models, env), name=ROOT_APP_NAME, route_prefix="/")]
         targets += [serve.RunTarget(build_model_app(m, spec, env), name=m.name, route_prefix=m.route_prefix)
                     for m in models]
         serve.run_many(targets)
-        server = server_mod.RunningServer(url=f"http://127.0.0.1:{port}", models=models)
+        server = server_mod.RunningServer(url=f"http://127.0.0.1:{port}", models=models,
+                                          state_dir=env.get("RAY_SERVE_HAPROXY_SERVER_STATE_BASE"))
     print(f"READY {server.url}", flush=True)
     server.serve_until_signal()
 

@@ -102,7 +102,11 @@ def test_train_export_pipeline_serve_openai(tmp_path, tiny_causal_lm):
     from serving import ServeSpec, start_server
 
     temp_dir = tempfile.mkdtemp(prefix="tfr-", dir="/tmp")
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
+    except BaseException:  # e.g. a Ray already runs in this process: not ours to shut down, but the folder is
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
     try:
         server = start_server([export], port=_free_port(),
                               settings=ServeSpec(min_replicas=1, max_replicas=1, num_cpus=1, max_input_chars=2000))
