@@ -33,6 +33,8 @@ from serving.openai_compat import install_openai_routes
 from serving.schemas import ErrorBody, Health, ModelCard, ModelList
 from serving.uploads import UPLOAD_OPENAPI, read_upload
 
+UPLOAD_PATH = "/predict/upload"  # a model's upload route, beside /predict; a 415 on /predict names it
+
 ROOT_APP_NAME = "_root"  # model names start with a letter or digit, so never clash
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # as serving/catalog.py checks served names
 _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (400, 404, 413, 422)}
@@ -79,7 +81,7 @@ def build_model_app(model: ServedModel, spec: ServeSpec, env_vars: dict[str, str
             return self.card_json
 
         @api.post("/predict", response_model=handler_cls.response_model, responses=_ERRORS,
-                  openapi_extra={UPLOAD_ROUTE_KEY: "/predict/upload"} if uploads else None)
+                  openapi_extra={UPLOAD_ROUTE_KEY: UPLOAD_PATH} if uploads else None)
         async def predict(self, body: request_model) -> JSONResponse:  # type: ignore[valid-type]
             items = self.handler.prepare(body)
             outputs = await asyncio.gather(*(self.run_batch(item) for item in items))
@@ -88,7 +90,7 @@ def build_model_app(model: ServedModel, spec: ServeSpec, env_vars: dict[str, str
 
         if uploads:  # serving/uploads.py
 
-            @api.post("/predict/upload", response_model=handler_cls.response_model, responses=_UPLOAD_ERRORS,
+            @api.post(UPLOAD_PATH, response_model=handler_cls.response_model, responses=_UPLOAD_ERRORS,
                       openapi_extra=UPLOAD_OPENAPI)
             async def predict_upload(self, request: Request) -> JSONResponse:
                 files, parameters = await read_upload(request, spec.max_image_bytes, spec.max_inputs_per_request)
