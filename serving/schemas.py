@@ -75,12 +75,13 @@ TextInput = Annotated[
         custom_error_message='each input must be a text or an object {"text": ..., "text_pair": ...}',
     ),
 ]
+# One object alone is one input, as `pipeline("text-classification")({"text": ..., "text_pair": ...})` takes it.
 TextInputs = Annotated[
-    Union[Annotated[Text, Tag("Text")], Annotated[list[TextInput], Tag("List")]],
+    Union[Annotated[Text, Tag("Text")], Annotated[TextPair, Tag("TextPair")], Annotated[list[TextInput], Tag("List")]],
     Discriminator(
         _kind,
         custom_error_type="inputs_type",
-        custom_error_message="inputs must be a text, a list of texts or a list of text pairs",
+        custom_error_message='inputs must be a text, an object {"text": ..., "text_pair": ...}, or a list of these',
     ),
 ]
 
@@ -94,12 +95,12 @@ class ClassificationParameters(BaseModel):
 
 
 class TextClassificationRequest(BaseModel):
-    """A text, a list of texts, or a list of text pairs."""
+    """A text, a text pair, or a list of these."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     inputs: TextInputs = Field(
-        description='"a text", ["t1", "t2"] or [{"text": "...", "text_pair": "..."}]'
+        description='"a text", ["t1", "t2"], {"text": "...", "text_pair": "..."} or a list of such objects'
     )
     parameters: ClassificationParameters = Field(default_factory=ClassificationParameters)
 
@@ -111,7 +112,7 @@ class TextClassificationRequest(BaseModel):
         return value
 
     def input_list(self) -> list[str | TextPair]:
-        return [self.inputs] if isinstance(self.inputs, str) else list(self.inputs)
+        return list(self.inputs) if isinstance(self.inputs, list) else [self.inputs]
 
 
 class LabelScore(BaseModel):

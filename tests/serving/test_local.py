@@ -41,6 +41,9 @@ def test_batch_pairs_and_top_k(tiny_export: Path) -> None:
     assert len(predict_local(tiny_export, ["good"], top_k=5)[0]) == 2  # more than there are: all
     # {"text": ...} alone is a single text, as transformers' pipeline takes it
     assert predict_local(tiny_export, [{"text": "good"}], top_k=None) == predict_local(tiny_export, "good", top_k=None)
+    # ... and so is one pair object as the whole of `inputs` (pipeline({"text": ..., "text_pair": ...})).
+    pair = {"text": "a", "text_pair": "b"}
+    assert predict_local(tiny_export, pair, top_k=None) == predict_local(tiny_export, [pair], top_k=None)
     # A run directory works too (its export/ is found), and agrees with the export itself.
     run_dir = tiny_export.parent / "run"
     if not run_dir.exists():
@@ -64,7 +67,8 @@ def test_batched_and_single_scores_agree(tiny_export: Path) -> None:
         ("", 1, 422, "inputs: must be a non-empty text"),
         ([], 1, 422, "at least one input"),
         ([1], 1, 422, "inputs[0]: each input must be a text"),
-        (5, 1, 422, "inputs must be a text, a list of texts"),
+        (5, 1, 422, 'inputs must be a text, an object {"text": ..., "text_pair": ...}, or a list of these'),
+        ({"text_pair": "b"}, 1, 422, "inputs.text: Field required"),
         ([{"text_pair": "b"}], 1, 422, "inputs[0].text: Field required"),
         (["ok", "  "], 1, 422, "inputs[1]: must be a non-empty text"),
         ("fine", 0, 422, "parameters.top_k"),

@@ -92,6 +92,12 @@ def test_predict_single_batch_pairs_and_top_k(client: httpx.Client) -> None:
     pairs = client.post(PREDICT, json={"inputs": [{"text": "a man eats", "text_pair": "someone eats"}, "solo"],
                                        "parameters": {"top_k": None}}).json()
     _check_predictions(pairs["predictions"], 2, 2)
+    one_pair = client.post(PREDICT, json={"inputs": {"text": "a man eats", "text_pair": "someone eats"},
+                                          "parameters": {"top_k": None}})
+    assert one_pair.status_code == 200, one_pair.text
+    (alone,), (in_list, _) = one_pair.json()["predictions"], pairs["predictions"]
+    assert [p["label"] for p in alone] == [p["label"] for p in in_list]
+    assert [p["score"] for p in alone] == pytest.approx([p["score"] for p in in_list], abs=1e-5)
     assert sum(p["score"] for p in pairs["predictions"][0]) == pytest.approx(1, abs=1e-5)
     assert len(client.post(PREDICT, json={"inputs": "x", "parameters": {"top_k": 9}}).json()["predictions"][0]) == 2
 
