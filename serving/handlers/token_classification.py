@@ -1,11 +1,15 @@
 """Token classification (NER): raw text or pre-split words → entities with character offsets.
 
-Each word is tagged by its first sub-token, as training labelled it; adjacent words
-then join into entities as `transformers.pipeline(..., aggregation_strategy="simple")`
-joins them (B- starts an entity, I- of the same type continues it; BIOES's E-/S- close
-it), and the entity's text is the input's own slice, `text[start:end]`. Texts longer
-than the model's window are read in overlapping windows, each word taking the tag
+Each word is tagged by its first sub-token, as training labelled it (or, asked for with the
+pipeline's `aggregation_strategy`, by the mean of its sub-tokens' scores, or by its surest
+sub-token); adjacent words then join into entities as `transformers.pipeline(...,
+aggregation_strategy="simple")` joins them (B- starts an entity, I- of the same type continues
+it; BIOES's E-/S- close it), and the entity's text is the input's own slice, `text[start:end]`.
+Texts longer than the model's window are read in overlapping windows, each word taking the tag
 from the window where it sits farthest from an edge.
+
+Grouping is by word, never inside one: the pipeline's "simple" tags sub-tokens and may cut
+"Blackburn" into "Black" (PER) and "##burn" (O); here "simple" is "first".
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 
 from serving.config import ServeSpec
@@ -51,13 +55,35 @@ NerInputs = Annotated[
 ]
 
 
+# How a word takes its tag from its sub-tokens' scores (the pipeline's word-level strategies).
+WORD_TAGS = ("first", "average", "max")
+
+
 class TokenClassificationParameters(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    aggregation: Literal["simple", "none"] = Field(
-        "simple", description="simple: whole entities (B-/I- joined); none: one tag per word that is not O."
-    )
+    # `aggregation_strategy` is the pipeline's name for it, and what Hugging Face clients send.
+    aggregation: Literal["simple", "first", "average", "max", "none"] = Field(
+        "simple", validation_alias=AliasChoices("aggregation", "aggregation_strategy"),
+        description="simple or first: whole entities (B-/I- joined), each word tagged by its first sub-token; "
+                    "average: by the mean of its sub-tokens' scores; max: by its surest sub-token; "
+                    "none: one tag per word (first sub-token), not joined. Also read as aggregation_strategy.")
+    ignore_labels: list[str] = Field(
+        ["O"], description='Leave out entities of these types (PER), or words with these tags with "none" '
+                           '(send [] to see the O words too).')
     min_score: float = Field(0.0, ge=0, le=1, description="Leave out entities whose mean score is lower.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_name(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "aggregation" in value and "aggregation_strategy" in value:
+            raise ValueError("aggregation and aggregation_strategy are one parameter under two names: send one")
+        return value
+
+    @property
+    def word_tags(self) -> str:
+        """Which of WORD_TAGS tags the words."""
+        return self.aggregation if self.aggregation in WORD_TAGS else "first"
 
 
 class TokenClassificationRequest(BaseModel):
@@ -185,45 +211,80 @@ class TokenClassificationHandler(TaskHandler):
         offsets = encoded.pop("offset_mapping").tolist()
         probs = self.model(**encoded.to(self.device)).logits.float().softmax(-1)
         scores, tags = (t.cpu().tolist() for t in probs.max(-1))
-        # Per input: word → [start, end, tag id, score, distance from the window's edge].
+        word_ids = [encoded.word_ids(row) for row in range(len(rows))]
+        average, surest = self._word_scores(probs, word_ids)
+        # Per input: word → [start, end, tag id, score, distance from the window's edge, row].
         found: list[dict[int, list]] = [{} for _ in batch]
         for row, sample in enumerate(rows):
-            word_ids = encoded.word_ids(row)
-            length = sum(w is not None for w in word_ids)
-            for position, word in enumerate(word_ids):
+            length = sum(w is not None for w in word_ids[row])
+            for position, word in enumerate(word_ids[row]):
                 if word is None:
                     continue
                 start, end = offsets[row][position]
                 edge = min(position, length - position)
                 entry = found[sample].get(word)
                 if entry is None:
-                    found[sample][word] = [start, end, tags[row][position], scores[row][position], edge]
+                    found[sample][word] = [start, end, tags[row][position], scores[row][position], edge, row]
                     continue
                 entry[0], entry[1] = min(entry[0], start), max(entry[1], end)
-                first_subtoken = position == 0 or word_ids[position - 1] != word
+                first_subtoken = position == 0 or word_ids[row][position - 1] != word
                 if first_subtoken and edge > entry[4]:
-                    entry[2:] = [tags[row][position], scores[row][position], edge]
-        return [self._words(item, found[sample], pre_split) for sample, item in enumerate(batch)]
+                    entry[2:] = [tags[row][position], scores[row][position], edge, row]
+        return [self._words(item, found[sample], pre_split, average, surest) for sample, item in enumerate(batch)]
 
-    def _words(self, item: str | list[str], found: dict[int, list], pre_split: bool) -> dict[str, Any]:
+    @staticmethod
+    def _word_scores(probs: torch.Tensor, word_ids: list[list[int | None]]) -> tuple[list[dict], list[dict]]:
+        """Per window row, word → (tag id, score) by the mean of its sub-tokens' scores, and by its surest
+        sub-token: two scatters over the batch, not a loop over words."""
+        rows, length, labels = probs.shape
+        words = 1 + max((w for ids in word_ids for w in ids if w is not None), default=0)
+        # Each position's segment: row * words + word; special tokens and padding share a last, unread one.
+        spare = rows * words
+        segment = torch.tensor([[spare if w is None else row * words + w for w in ids] + [spare] * (length - len(ids))
+                                for row, ids in enumerate(word_ids)], device=probs.device).flatten()
+        flat = probs.flatten(0, 1)
+        sums = flat.new_zeros(spare + 1, labels).index_add_(0, segment, flat)
+        counts = torch.bincount(segment, minlength=spare + 1).clamp_(min=1).unsqueeze(1)
+        # The surest sub-token's tag is the tag with the highest score over the word's sub-tokens.
+        highest = flat.new_zeros(spare + 1, labels).scatter_reduce_(0, segment.unsqueeze(1).expand_as(flat), flat,
+                                                                    "amax", include_self=False)
+        tables = []
+        for per_word in (sums / counts, highest):
+            score, tag = (t.cpu().tolist() for t in per_word.max(-1))
+            tables.append({(row, w): (tag[row * words + w], score[row * words + w])
+                           for row, ids in enumerate(word_ids) for w in ids if w is not None})
+        return tables[0], tables[1]
+
+    def _words(self, item: str | list[str], found: dict[int, list], pre_split: bool, average: dict,
+               surest: dict) -> dict[str, Any]:
+        """The words of one input, tagged each of WORD_TAGS's ways: (tag, score, start, end) per word."""
+        def tagged(word: int, entry: list) -> dict[str, tuple[str, float]]:
+            row = entry[5]
+            by = {"first": (entry[2], entry[3]), "average": average[row, word], "max": surest[row, word]}
+            return {way: (self.labels[tag], score) for way, (tag, score) in by.items()}
+
         if not pre_split:
-            words = [(self.labels[e[2]], e[3], e[0], e[1]) for _, e in sorted(found.items())]
-            return {"text": item, "words": words, "pre_split": False}
-        starts, position = [], 0
-        for word in item:  # offsets into the words joined by single spaces
-            starts.append(position)
-            position += len(word) + 1
-        words = [(self.labels[found[i][2]], found[i][3], starts[i], starts[i] + len(item[i])) if i in found
-                 else ("O", 1.0, starts[i], starts[i] + len(item[i])) for i in range(len(item))]
-        return {"text": " ".join(item), "words": words, "pre_split": True}
+            spans = [(e[0], e[1], tagged(w, e)) for w, e in sorted(found.items())]
+            text = item
+        else:
+            spans, position = [], 0
+            untagged = {way: ("O", 1.0) for way in WORD_TAGS}  # a word the tokenizer made no token of
+            for i, word in enumerate(item):  # offsets into the words joined by single spaces
+                spans.append((position, position + len(word), tagged(i, found[i]) if i in found else untagged))
+                position += len(word) + 1
+            text = " ".join(item)
+        words = {way: [(*by[way], start, end) for start, end, by in spans] for way in WORD_TAGS}
+        return {"text": text, "words": words, "pre_split": pre_split}
 
     def format(self, output: dict[str, Any], request: TokenClassificationRequest) -> list[dict[str, Any]]:
         parameters = request.parameters
-        text, words, pre_split = output["text"], output["words"], output["pre_split"]
+        text, pre_split = output["text"], output["pre_split"]
+        words = output["words"][parameters.word_tags]
         if parameters.aggregation == "none":
             entities = [{"entity": tag, "word": text[start:end], "start": start, "end": end, "score": score,
                          **({"token_start": i, "token_end": i + 1} if pre_split else {})}
-                        for i, (tag, score, start, end) in enumerate(words) if tag != "O"]
+                        for i, (tag, score, start, end) in enumerate(words)]
         else:
             entities = group_entities(text, words, pre_split)
-        return [e for e in entities if e["score"] >= parameters.min_score]
+        ignored = set(parameters.ignore_labels)
+        return [e for e in entities if e["score"] >= parameters.min_score and e["entity"] not in ignored]

@@ -116,6 +116,12 @@ def test_train_export_pipeline_serve(tmp_path, tiny_text_model):
                 assert 0.5 < person["score"] <= 1.0
                 assert any(e == {**e, "entity": "LOC", "word": "Brussels", "start": 46, "end": 54} for e in entities)
 
+                # What Hugging Face clients send: the pipeline's parameter names.
+                hf = client.post(url, json={"inputs": text, "parameters": {"aggregation_strategy": "first",
+                                                                           "ignore_labels": ["O", "LOC"]}})
+                assert hf.status_code == 200, hf.text
+                assert {(e["entity"], e["word"]) for e in hf.json()["predictions"][0]} == {("PER", "Peter Blackburn")}
+
                 words = client.post(url, json={"inputs": {"tokens": ["Mr", "Anna", "Okafor", "said", "."]}})
                 assert words.status_code == 200, words.text
                 [[entity]] = words.json()["predictions"]
@@ -125,7 +131,7 @@ def test_train_export_pipeline_serve(tmp_path, tiny_text_model):
                 for body, status in (({"inputs": ""}, 422), ({"inputs": 5}, 422), ({"text": "x"}, 422),
                                      ({"inputs": [["Mr", "X"]]}, 422), ({"inputs": ["a"] * 5}, 413),
                                      ({"inputs": "word " * 200}, 413),
-                                     ({"inputs": "x", "parameters": {"aggregation": "max"}}, 422)):
+                                     ({"inputs": "x", "parameters": {"aggregation": "longest"}}, 422)):
                     bad = client.post(url, json=body)
                     assert bad.status_code == status, (body, bad.status_code, bad.text)
                     assert bad.json()["error"]

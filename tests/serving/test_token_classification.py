@@ -138,3 +138,61 @@ def test_tags_come_from_the_export_when_the_model_knows_only_their_number(tmp_pa
                                                    AutoTokenizer.from_pretrained(export), torch.device("cpu"))
     assert handler.labels == LABELS
     assert _predict(handler, "I flew to London with Ryanair") == [[]]
+
+
+def _scrambled_tagger(tmp_path: Path):
+    """A tagger whose head reads the encoder, so a word's sub-tokens get different scores (and tags)."""
+    import torch
+
+    handler = load_handler(build_tagging_export(tmp_path / "scrambled", "B-PER", max_length=64))
+    with torch.no_grad():
+        torch.manual_seed(0)
+        handler.model.classifier.weight.normal_(std=4.0)
+        handler.model.classifier.bias.zero_()
+    return handler
+
+
+def test_words_take_their_tag_from_the_first_the_mean_or_the_surest_sub_token(tmp_path):
+    """The pipeline's word-level strategies, recomputed here from the model's own scores."""
+    import torch
+
+    handler = _scrambled_tagger(tmp_path)
+    text = "Blackburn visited Strasbourg with Okafor"
+    [output] = handler.run_batch([text])
+    encoded = handler.tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        probs = handler.model(**encoded).logits.softmax(-1)[0]
+    word_ids = encoded.word_ids(0)
+    expected = {"first": [], "average": [], "max": []}
+    for word in sorted({w for w in word_ids if w is not None}):
+        sub = probs[[i for i, w in enumerate(word_ids) if w == word]]
+        for way, scores in (("first", sub[0]), ("average", sub.mean(0)), ("max", sub.max(0).values)):
+            expected[way].append((LABELS[int(scores.argmax())], float(scores.max())))
+    assert len({w for w in word_ids if w is not None}) == 5 and len(word_ids) > 7  # some words are split
+    for way, tagged in expected.items():
+        got = [(tag, score) for tag, score, _, _ in output["words"][way]]
+        assert [t for t, _ in got] == [t for t, _ in tagged], way
+        assert [s for _, s in got] == pytest.approx([s for _, s in tagged], abs=1e-5), way
+    assert expected["first"] != expected["average"] != expected["max"]  # the three ways differ on these words
+
+
+def test_aggregation_strategy_and_ignore_labels_as_the_pipeline_names_them(tmp_path):
+    handler = _scrambled_tagger(tmp_path)
+    text = "Blackburn visited Strasbourg with Okafor"
+    for way in ("simple", "first", "average", "max", "none"):
+        assert _predict(handler, text, aggregation_strategy=way) == _predict(handler, text, aggregation=way)
+    assert _predict(handler, text, aggregation="simple") == _predict(handler, text, aggregation="first")
+
+    tagger = load_handler(build_tagging_export(tmp_path / "b", "B-PER"))
+    assert [e["entity"] for e in _predict(tagger, "Peter met Anna")[0]] == ["PER"] * 3
+    assert _predict(tagger, "Peter met Anna", ignore_labels=["PER"]) == [[]]
+    outside = load_handler(build_tagging_export(tmp_path / "o", "O"))
+    assert _predict(outside, "Peter met Anna", aggregation="none") == [[]]  # O is left out by default
+    every = _predict(outside, "Peter met Anna", aggregation="none", ignore_labels=[])[0]
+    assert [(w["entity"], w["word"]) for w in every] == [("O", "Peter"), ("O", "met"), ("O", "Anna")]
+
+    for parameters, message in (({"aggregation_strategy": "longest"}, "parameters.aggregation_strategy: Input should be"),
+                                ({"aggregation": "max", "aggregation_strategy": "max"}, "under two names: send one")):
+        with pytest.raises(ServingError) as err:
+            _predict(tagger, "Peter", **parameters)
+        assert err.value.status == 422 and message in err.value.error, err.value.error
