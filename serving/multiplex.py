@@ -164,20 +164,12 @@ def run_mixed(stack, pairs: list[tuple[LoadedAdapter, Any]], split) -> list[Any]
         rows = [pairs[i][0].model_id for i in index]
         local = {pairs[i][0].model_id: pairs[i][0].local for i in index}
         results = stack.run_mixed(rows, local, lambda: lead.handler.run_batch([pairs[i][1] for i in index]))
-        for i, result in zip(index, results):
-            outputs[i] = _relabel(result, lead.handler, pairs[i][0].handler)
+        for i, result in zip(index, results):  # logits by head position: each adapter's own format names them
+            outputs[i] = result
     for adapter in {id(a): a for a, _ in pairs}.values():
         if adapter.evicted:
             stack.detach(adapter.model_id)
     return outputs
-
-
-def _relabel(scored: list[tuple[str, float]], lead, own) -> list[tuple[str, float]]:
-    """Label names of the lead handler → the same head positions in this adapter's labels."""
-    if lead.labels == own.labels:
-        return scored
-    position = {label: i for i, label in enumerate(lead.labels)}
-    return [(own.labels[position[label]], score) for label, score in scored]
 
 
 def build_adapter_pool_app(pool: AdapterPool, env_vars: dict[str, str] | None = None) -> Application:

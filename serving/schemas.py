@@ -92,6 +92,10 @@ class ClassificationParameters(BaseModel):
     top_k: StrictInt | None = Field(
         1, ge=1, description="Labels returned per input, best first; null (or more than there are) returns all."
     )
+    function_to_apply: Literal["softmax", "sigmoid", "none"] | None = Field(
+        None, description="Scores from the logits, as the pipeline's parameter: softmax, sigmoid, or none (the "
+                          "logits themselves); null: the model's own (sigmoid for a multi-label model, else softmax).",
+    )
 
 
 class TextClassificationRequest(BaseModel):

@@ -12,6 +12,7 @@ requests into one batch, `predict` runs one request's items).
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -114,6 +115,25 @@ def load_model(auto_class: Any, export_dir: Path, info: ExportInfo) -> tuple[Any
     if model.active_peft_config.is_prompt_learning:
         return model, False
     return model.merge_and_unload(), True
+
+
+def ranked(labels: list[str], logits: list[float], function: str, top_k: int | None) -> list[dict[str, Any]]:
+    """One input's logits → its `top_k` labels, best first, scored by `function` (softmax, sigmoid or none).
+
+    Per input in `format`, not per batch in `run_batch`: requests batched together may each ask for a
+    different function; on a few labels this is microseconds.
+    """
+    if function == "softmax":
+        top = max(logits)
+        exps = [math.exp(x - top) for x in logits]
+        total = sum(exps)
+        scores = [e / total for e in exps]
+    elif function == "sigmoid":
+        scores = [1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x)) for x in logits]
+    else:
+        scores = list(logits)
+    best = sorted(range(len(scores)), key=scores.__getitem__, reverse=True)[:top_k]
+    return [{"label": labels[i], "score": scores[i]} for i in best]
 
 
 def parse_request(handler: TaskHandler | type[TaskHandler], payload: Any) -> Any:

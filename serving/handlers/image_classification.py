@@ -24,7 +24,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, fi
 
 from serving.config import ServeSpec
 from serving.errors import ServingError
-from serving.handlers.base import TaskHandler, load_model, parse_request
+from serving.handlers.base import TaskHandler, load_model, parse_request, ranked
 from serving.handlers.registry import register_handler
 from serving.placement import place, replica_device
 from serving.schemas import ClassificationParameters, LabelScore, PredictResponse
@@ -33,7 +33,7 @@ from training.layout import MODEL_WEIGHTS, TORCHVISION_CONFIG_FILE, ExportInfo
 # Past this many pixels an image answers 413 before it is decoded (a small file can hold a huge image).
 MAX_IMAGE_PIXELS = 40_000_000
 URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://")  # ':' is not base64: never an image's base64
-Scored = list[tuple[str, float]]
+Logits = list[float]  # one image's logits, in label order
 
 
 def _non_blank(value: str) -> str:
@@ -181,13 +181,10 @@ class ImageClassificationHandler(TaskHandler):
                                {"max_inputs_per_request": limit})
 
     @torch.inference_mode()
-    def run_batch(self, items: list[Image.Image]) -> list[Scored]:
+    def run_batch(self, items: list[Image.Image]) -> list[Logits]:
         pixels = self.to_pixels(items).to(self.device, self.dtype)
-        logits = (self.model(pixel_values=pixels).logits if self.hf else self.model(pixels)).float()
-        scores, order = logits.softmax(dim=-1).sort(dim=-1, descending=True)
-        return [[(self.labels[j], s) for j, s in zip(o.tolist(), p.tolist())] for o, p in zip(order, scores)]
+        return (self.model(pixel_values=pixels).logits if self.hf else self.model(pixels)).float().tolist()
 
-    def format(self, output: Scored, request: ImageClassificationRequest) -> list[dict[str, float | str]]:
-        top_k = request.parameters.top_k
-        kept = output if top_k is None else output[:top_k]
-        return [{"label": label, "score": score} for label, score in kept]
+    def format(self, output: Logits, request: ImageClassificationRequest) -> list[dict[str, float | str]]:
+        p = request.parameters
+        return ranked(self.labels, output, p.function_to_apply or "softmax", p.top_k)

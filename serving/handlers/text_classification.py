@@ -1,4 +1,5 @@
-"""Text classification (single texts or text pairs): softmax over the export's labels.
+"""Text classification (single texts or text pairs): softmax over the export's labels (sigmoid for a
+multi-label model; `function_to_apply` picks, as in the pipeline).
 
 Two changes to a BERT-family model's work, neither to its scores (the full model's, to float
 rounding); both touch only the architectures training.unread_positions lists:
@@ -19,7 +20,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from serving.config import ServeSpec
 from serving.errors import ServingError
-from serving.handlers.base import TaskHandler, input_window, load_model
+from serving.handlers.base import TaskHandler, input_window, load_model, ranked
 from serving.handlers.registry import register_handler
 from serving.packed import skip_padding
 from serving.placement import place, replica_device
@@ -27,9 +28,9 @@ from serving.schemas import TextClassificationRequest, TextClassificationRespons
 from training.layout import ExportInfo
 from training.unread_positions import skip_unread_positions
 
-# One item: (text, text_pair or None). One output: every (label, score), best first.
+# One item: (text, text_pair or None). One output: its logits, in label order.
 Item = tuple[str, "str | None"]
-Scored = list[tuple[str, float]]
+Logits = list[float]
 
 
 @register_handler("text-classification")
@@ -93,8 +94,8 @@ class TextClassificationHandler(TaskHandler):
                     {"field": f"inputs[{i}]", "text_pairs": pairs})
 
     @torch.inference_mode()
-    def run_batch(self, items: list[Item]) -> list[Scored]:
-        outputs: list[Scored | None] = [None] * len(items)
+    def run_batch(self, items: list[Item]) -> list[Logits]:
+        outputs: list[Logits | None] = [None] * len(items)
         # A tokenizer call takes texts alone or all with pairs: one forward per kind present.
         for with_pair in (False, True):
             index = [i for i, (_, pair) in enumerate(items) if (pair is not None) == with_pair]
@@ -105,14 +106,11 @@ class TextClassificationHandler(TaskHandler):
             encoded = self.tokenizer(
                 texts, pairs, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
             ).to(self.device)
-            logits = self.model(**encoded).logits.float()
-            probs = logits.sigmoid() if self.multi_label else logits.softmax(dim=-1)
-            scores, order = probs.sort(dim=-1, descending=True)
-            for row, i in enumerate(index):
-                outputs[i] = [(self.labels[j], s) for j, s in zip(order[row].tolist(), scores[row].tolist())]
+            for i, row in zip(index, self.model(**encoded).logits.float().tolist()):
+                outputs[i] = row
         return outputs  # type: ignore[return-value]
 
-    def format(self, output: Scored, request: TextClassificationRequest) -> list[dict[str, float | str]]:
-        top_k = request.parameters.top_k
-        kept = output if top_k is None else output[:top_k]
-        return [{"label": label, "score": score} for label, score in kept]
+    def format(self, output: Logits, request: TextClassificationRequest) -> list[dict[str, float | str]]:
+        p = request.parameters
+        function = p.function_to_apply or ("sigmoid" if self.multi_label else "softmax")
+        return ranked(self.labels, output, function, p.top_k)

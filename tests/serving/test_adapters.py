@@ -20,7 +20,8 @@ def _read(export: Path):
 
 
 def _probs(outputs) -> list[list[float]]:
-    return [[dict(o)[label] for label in ("negative", "positive")] for o in outputs]
+    """Logits per text → softmax, in label order."""
+    return torch.tensor(outputs).softmax(-1).tolist()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -68,7 +69,7 @@ def test_one_forward_pass_serves_many_lora_adapters_each_through_its_own(tiny_te
     from serving.adapters import AdapterStack
     from serving.pools import pool_key
     from serving.config import ServeSpec
-    from serving.handlers import HANDLERS
+    from serving.handlers import HANDLERS, parse_request
     from serving.multiplex import LoadedAdapter, run_items
 
     exports = [build_lora_export(tiny_text_model, tmp_path / f"m{i}", f"m{i}", 30 + i) for i in range(3)]
@@ -99,6 +100,6 @@ def test_one_forward_pass_serves_many_lora_adapters_each_through_its_own(tiny_te
     loaded[1].evicted = False
     for (adapter, item), output in zip(rows, outputs):
         alone = stack.run(adapter.model_id, adapter.local, lambda: adapter.handler.run_batch([item]))[0]
-        assert [label for label, _ in output] == [label for label, _ in alone]
-        assert [s for _, s in output] == pytest.approx([s for _, s in alone], abs=1e-5)
-    assert {label for label, _ in outputs[2]} == {"bad", "good"}
+        assert output == pytest.approx(alone, abs=1e-5)
+    request = parse_request(rows[2][0].handler, {"inputs": "x", "parameters": {"top_k": None}})
+    assert {p["label"] for p in rows[2][0].handler.format(outputs[2], request)} == {"bad", "good"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 import shutil
 from pathlib import Path
 
@@ -76,8 +77,8 @@ def test_auto_dtype_keeps_images_in_float32_and_bfloat16_is_an_opt_in(which, req
     assert next(load_handler(export).model.parameters()).dtype == torch.float32  # auto, even with native bf16
     opted = load_handler(export, ServeSpec(dtype="bfloat16"))
     assert next(opted.model.parameters()).dtype == torch.bfloat16
-    (ranked,) = opted.run_batch([Image.open(io.BytesIO(_png()))])  # pixels follow the weights' dtype
-    assert len(ranked) == 3 and sum(score for _, score in ranked) == pytest.approx(1, abs=1e-3)
+    (logits,) = opted.run_batch([Image.open(io.BytesIO(_png()))])  # pixels follow the weights' dtype
+    assert len(logits) == 3 and all(math.isfinite(x) for x in logits)
 
 
 def test_grey_and_transparent_images_are_converted(torchvision_export):
@@ -115,6 +116,17 @@ def test_bad_inputs_get_their_4xx(torchvision_export, monkeypatch):
     with pytest.raises(ServingError) as caught:
         predict_local(torchvision_export, _b64(_png()))
     assert caught.value.status == 413 and "too many pixels" in caught.value.error
+
+
+def test_function_to_apply_and_top_k_as_the_pipeline_takes_them(torchvision_export):
+    [soft] = predict_local(torchvision_export, _b64(_png()), top_k=None)
+    assert sum(p["score"] for p in soft) == pytest.approx(1, abs=1e-5)
+    [raw] = predict_local(torchvision_export, _b64(_png()), top_k=2, parameters={"function_to_apply": "none"})
+    assert [p["label"] for p in raw] == [p["label"] for p in soft[:2]]
+    # The logits themselves: softmax over all three gives the default scores back.
+    [logits] = predict_local(torchvision_export, _b64(_png()), top_k=None, parameters={"function_to_apply": "none"})
+    exps = {p["label"]: math.exp(p["score"]) for p in logits}
+    assert {p["label"]: p["score"] for p in soft} == pytest.approx({k: v / sum(exps.values()) for k, v in exps.items()})
 
 
 def test_uploads_use_the_same_steps(torchvision_export):

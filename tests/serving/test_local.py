@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from serving import HANDLERS, ServeSpec, ServingError, predict_local, resolve_models
-from serving.handlers import load_handler
+from serving.handlers import load_handler, parse_request
 from serving.handlers.registry import HandlerRegistry, UnknownTaskError
 from training.layout import ExportInfo, read_export_info, write_export_info
 
@@ -51,14 +51,47 @@ def test_batch_pairs_and_top_k(tiny_export: Path) -> None:
     assert predict_local(run_dir, "good", top_k=None) == predict_local(tiny_export, "good", top_k=None)
 
 
+def _scored(handler, items) -> list[dict[str, float]]:
+    """Each item's {label: score}, as a request with every label (top_k null) gets them."""
+    request = parse_request(handler, {"inputs": "x", "parameters": {"top_k": None}})
+    return [{p["label"]: p["score"] for p in handler.format(o, request)} for o in handler.run_batch(items)]
+
+
+def test_function_to_apply_scores_the_logits_as_the_pipeline_does(tiny_export: Path, tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    text = "a wonderful film"
+    with torch.inference_mode():
+        encoded = AutoTokenizer.from_pretrained(tiny_export)(text, return_tensors="pt")
+        logits = AutoModelForSequenceClassification.from_pretrained(tiny_export).eval()(**encoded).logits[0]
+
+    def scores(export: Path, **parameters) -> dict[str, float]:
+        [ranked] = predict_local(export, text, top_k=None, parameters=parameters, spec=ServeSpec(dtype="float32"))
+        assert [p["score"] for p in ranked] == sorted((p["score"] for p in ranked), reverse=True)
+        return {p["label"]: p["score"] for p in ranked}
+
+    for function, want in (("softmax", logits.softmax(-1)), ("sigmoid", logits.sigmoid()), ("none", logits)):
+        got = scores(tiny_export, function_to_apply=function)
+        assert [got[label] for label in LABELS] == pytest.approx(want.tolist(), abs=1e-5), function
+    assert scores(tiny_export) == scores(tiny_export, function_to_apply="softmax")  # a single-label model's own
+    multi = tmp_path / "multi"  # a multi-label model's own is sigmoid, as the pipeline's
+    shutil.copytree(tiny_export, multi)
+    config = json.loads((multi / "config.json").read_text())
+    (multi / "config.json").write_text(json.dumps({**config, "problem_type": "multi_label_classification"}))
+    assert scores(multi) == scores(multi, function_to_apply="sigmoid") != scores(multi, function_to_apply="softmax")
+    with pytest.raises(ServingError) as caught:
+        scores(tiny_export, function_to_apply="tanh")
+    assert caught.value.status == 422 and "parameters.function_to_apply" in caught.value.error
+
+
 def test_batched_and_single_scores_agree(tiny_export: Path) -> None:
     handler = load_handler(tiny_export)
     texts = ["short", "a much longer text that needs padding in a batch with the short one", "mid length text"]
     batched = handler.run_batch([(t, None) for t in texts])
-    for text, scores in zip(texts, batched):
+    for text, logits in zip(texts, batched):
         (alone,) = handler.run_batch([(text, None)])
-        assert [label for label, _ in alone] == [label for label, _ in scores]
-        assert [s for _, s in alone] == pytest.approx([s for _, s in scores], abs=1e-5)
+        assert alone == pytest.approx(logits, abs=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -179,11 +212,12 @@ def test_auto_dtype_is_bfloat16_where_the_cpu_multiplies_it_and_answers_as_float
     assert next(default.model.parameters()).dtype == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
     assert next(load_handler(tiny_export, ServeSpec(dtype="bfloat16")).model.parameters()).dtype == torch.bfloat16
     items = [(t, None) for t in ("a wonderful film", "dull and far too long", "fine", "a terrible waste of time")]
-    for want, got in zip(exact.run_batch(items), default.run_batch(items)):
-        assert isinstance(got[0][1], float)  # scores leave as float32 numbers, whatever the weights' dtype
-        assert dict(got) == pytest.approx(dict(want), abs=2e-2)
-        if want[0][1] - want[1][1] > 0.05:  # a clear answer stays the same answer
-            assert got[0][0] == want[0][0]
+    assert all(isinstance(x, float) for row in default.run_batch(items) for x in row)  # whatever the weights' dtype
+    for want, got in zip(_scored(exact, items), _scored(default, items)):
+        assert got == pytest.approx(want, abs=2e-2)
+        (first, p1), (second, p2) = sorted(want.items(), key=lambda pair: -pair[1])
+        if p1 - p2 > 0.05:  # a clear answer stays the same answer
+            assert max(got, key=got.__getitem__) == first
 
 
 def test_served_classifier_skips_padding_and_unread_positions_with_the_full_models_scores(
@@ -205,9 +239,8 @@ def test_served_classifier_skips_padding_and_unread_positions_with_the_full_mode
     with torch.inference_mode():
         encoded = AutoTokenizer.from_pretrained(tiny_export)(texts, padding=True, return_tensors="pt")
         want = full(**encoded).logits.softmax(-1)
-    for row, scored in enumerate(handler.run_batch([(t, None) for t in texts])):
-        assert [s for _, s in sorted(scored, key=lambda pair: LABELS.index(pair[0]))] == pytest.approx(
-            want[row].tolist(), abs=1e-6)
+    for row, scored in enumerate(_scored(handler, [(t, None) for t in texts])):
+        assert [scored[label] for label in LABELS] == pytest.approx(want[row].tolist(), abs=1e-6)
     assert packed_layers == [False] * (len(layers) - 1) + [True]  # the padded batch ran packed
 
 
@@ -222,8 +255,8 @@ def test_int8_quantizes_the_linear_layers_on_the_cpu_and_is_refused_where_it_can
     assert torch.ao.nn.quantized.dynamic.Linear in kinds and torch.nn.Linear not in kinds
     exact = load_handler(tiny_export, ServeSpec(dtype="float32"))
     items = [(t, None) for t in ("a wonderful film", "dull and far too long", "a terrible waste of time")]
-    for want, got in zip(exact.run_batch(items), handler.run_batch(items)):
-        assert dict(got) == pytest.approx(dict(want), abs=5e-2)
+    for want, got in zip(_scored(exact, items), _scored(handler, items)):
+        assert got == pytest.approx(want, abs=5e-2)
     with pytest.raises(ValueError, match=r"dtype \(int8\) with num_gpus 1: .*runs on CPUs only"):
         ServeSpec(dtype="int8", num_gpus=1)
     key = PoolKey(base_model="some/base", task="text-classification", num_labels=2, kind="LORA")
@@ -278,7 +311,7 @@ def test_predict_cli_passes_request_parameters(tiny_export: Path, capsys) -> Non
 @pytest.mark.gpu
 def test_predict_runs_on_the_gpu_when_there_is_one(tiny_export: Path, capsys) -> None:
     from cluster.cli import main
-    from serving.handlers import load_handler
+    from serving.handlers import load_handler, parse_request
 
     assert next(load_handler(tiny_export, ServeSpec(num_gpus=1)).model.parameters()).device.type == "cuda"
     assert main(["predict", str(tiny_export), "a wonderful film", "--top-k", "2", "--dtype", "float32"]) == 0
