@@ -7,7 +7,8 @@ concurrent requests into one forward pass, closing a batch only when the model i
 free; `max_ongoing_requests` exceeds the batch size so batches can fill.
 
     /                      root app: /healthz, /v1/models, 404 JSON for unknown models
-    /v1/models/{name}      one app per model: GET / (its card), POST /predict
+    /v1/models/{name}      one app per model: GET / (its card), POST /predict, and POST / (the
+                           same request answered in the Hugging Face Inference API's shape; serving/hf_compat.py)
     /v1/completions        root app → the named causal LM's app (OpenAI-compatible; serving/openai_compat.py)
     /v1/chat/completions
 """
@@ -26,7 +27,8 @@ from serving.batching import Batcher
 from serving.catalog import ServedModel
 from serving.config import ServeSpec
 from serving.errors import UPLOAD_ROUTE_KEY, ServingError, install_error_handlers
-from serving.handlers import HANDLERS, load_handler
+from serving.handlers import HANDLERS, load_handler, parse_request
+from serving.hf_compat import HF_OPENAPI, HF_RESPONSE, hf_request, is_json
 from serving.metrics import CONTENT_TYPE, gather_metrics, model_metrics
 from serving.middleware import install_guard
 from serving.openai_compat import install_openai_routes
@@ -52,6 +54,20 @@ def _autoscaling(spec: ServeSpec) -> dict[str, Any]:
     }
 
 
+class _ModelURL:
+    """ASGI: the model's URL itself (`/v1/models/{name}`, no trailing slash) is its app's "/" route. Starlette
+    would answer it with a 307 to ".../", and clients (Hugging Face's among them) do not send a POST body again
+    after a redirect."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope.get("root_path") and scope["path"] == scope["root_path"]:
+            scope = {**scope, "path": scope["path"] + "/"}
+        await self.app(scope, receive, send)
+
+
 def build_model_app(model: ServedModel, spec: ServeSpec, env_vars: dict[str, str] | None = None) -> Application:
     """The model's application: FastAPI ingress, model and dynamic batching in one deployment."""
     handler_cls = HANDLERS.get(model.info.task)
@@ -61,6 +77,7 @@ def build_model_app(model: ServedModel, spec: ServeSpec, env_vars: dict[str, str
         FastAPI(title=f"tunefleet model {model.name}", description=f"{model.info.task} · {model.info.base_model}")
     )
     install_guard(api, spec, model.name)  # auth, backpressure, body limit, timeout, metrics, access log
+    api.add_middleware(_ModelURL)
 
     @serve.ingress(api)
     class ModelServer:
@@ -80,13 +97,31 @@ def build_model_app(model: ServedModel, spec: ServeSpec, env_vars: dict[str, str
         async def card(self) -> dict[str, Any]:
             return self.card_json
 
+        async def _predictions(self, items: list[Any], body: Any) -> list[Any]:
+            outputs = await asyncio.gather(*(self.run_batch(item) for item in items))
+            return [self.handler.format(output, body) for output in outputs]
+
         @api.post("/predict", response_model=handler_cls.response_model, responses=_ERRORS,
                   openapi_extra={UPLOAD_ROUTE_KEY: UPLOAD_PATH} if uploads else None)
         async def predict(self, body: request_model) -> JSONResponse:  # type: ignore[valid-type]
-            items = self.handler.prepare(body)
-            outputs = await asyncio.gather(*(self.run_batch(item) for item in items))
-            predictions = [self.handler.format(output, body) for output in outputs]
+            predictions = await self._predictions(self.handler.prepare(body), body)
             return JSONResponse({"model": self.name, "predictions": predictions})
+
+        @api.post("/", responses={**(_UPLOAD_ERRORS if uploads else _ERRORS), **HF_RESPONSE}, openapi_extra=HF_OPENAPI,
+                  summary="Predict, answered in the Hugging Face Inference API's shape")
+        async def predict_hf(self, request: Request) -> JSONResponse:
+            """The body `/predict` takes; the answer is the pipeline's output itself, with no envelope, as
+            `huggingface_hub.InferenceClient(model=<this URL>)` reads it (serving/hf_compat.py)."""
+            if uploads and not is_json(request):  # the image itself: what the client sends without parameters
+                files, parameters = await read_upload(request, spec.max_image_bytes, spec.max_inputs_per_request,
+                                                      untyped_is_raw=True)
+                items, body = self.handler.prepare_upload(files, parameters)
+                single = len(files) == 1
+            else:
+                payload, single = hf_request(await request.body())
+                body = parse_request(self.handler, payload)
+                items = self.handler.prepare(body)
+            return JSONResponse(self.handler.hf_format(await self._predictions(items, body), body, single))
 
         if uploads:  # serving/uploads.py
 
@@ -95,9 +130,7 @@ def build_model_app(model: ServedModel, spec: ServeSpec, env_vars: dict[str, str
             async def predict_upload(self, request: Request) -> JSONResponse:
                 files, parameters = await read_upload(request, spec.max_image_bytes, spec.max_inputs_per_request)
                 items, body = self.handler.prepare_upload(files, parameters)
-                outputs = await asyncio.gather(*(self.run_batch(item) for item in items))
-                predictions = [self.handler.format(output, body) for output in outputs]
-                return JSONResponse({"model": self.name, "predictions": predictions})
+                return JSONResponse({"model": self.name, "predictions": await self._predictions(items, body)})
 
         if hasattr(handler_cls, "openai_prepare"):  # text generation: the root app's OpenAI routes call these
 

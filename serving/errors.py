@@ -9,6 +9,7 @@ body size, backpressure, timeouts) answer the same shape from serving/middleware
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -81,9 +82,17 @@ def describe_validation_errors(errors: list[dict[str, Any]]) -> tuple[str, list[
 UPLOAD_ROUTE_KEY = "x-tunefleet-upload-route"
 
 
-def _is_json(content_type: str) -> bool:
+def is_json_type(content_type: str) -> bool:
     kind = content_type.split(";", 1)[0].strip().lower()
     return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
+def json_body(raw: bytes) -> Any:
+    """A body that a route reads itself → its JSON value (None when empty); a 400 naming the problem if malformed."""
+    try:
+        return json.loads(raw or b"null")
+    except ValueError as exc:
+        raise ServingError(400, "malformed JSON body", str(exc)) from None
 
 
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -92,7 +101,7 @@ async def _on_validation_error(request: Request, exc: RequestValidationError) ->
         ctx = next(e for e in errors if e.get("type") == "json_invalid").get("ctx") or {}
         return error_response(400, "malformed JSON body", str(ctx.get("error", "")) or None)
     content_type = request.headers.get("content-type", "")
-    if content_type and not _is_json(content_type) and any(tuple(e.get("loc", ())) == ("body",) for e in errors):
+    if content_type and not is_json_type(content_type) and any(tuple(e.get("loc", ())) == ("body",) for e in errors):
         # FastAPI passes a non-JSON body through as bytes, which then fails the schema as a whole.
         fix = "send a JSON body with Content-Type: application/json"
         upload = (getattr(request.scope.get("route"), "openapi_extra", None) or {}).get(UPLOAD_ROUTE_KEY)

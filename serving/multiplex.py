@@ -223,7 +223,8 @@ def build_adapter_pool_app(pool: AdapterPool, env_vars: dict[str, str] | None = 
             await self.adapter(entry.model_id)
             return {"model": entry.name, "replica": self.replica}
 
-        async def predict(self, entry: AdapterEntry, body: Any) -> dict[str, Any]:
+        async def predict(self, entry: AdapterEntry, body: Any, hf_single: bool | None = None) -> dict[str, Any]:
+            """`hf_single` not None: answered in the Hugging Face Inference API's shape, under "hf" (serving/hf_compat.py)."""
             from serving.handlers import parse_request
 
             self.entries[entry.model_id] = entry
@@ -232,6 +233,8 @@ def build_adapter_pool_app(pool: AdapterPool, env_vars: dict[str, str] | None = 
             items = adapter.handler.prepare(request)
             outputs = await asyncio.gather(*(self.run_batch((entry.model_id, item)) for item in items))
             predictions = [adapter.handler.format(output, request) for output in outputs]
+            if hf_single is not None:
+                return {"hf": adapter.handler.hf_format(predictions, request, hf_single), "replica": self.replica}
             return {"model": entry.name, "predictions": predictions, "replica": self.replica}
 
         async def openai(self, entry: AdapterEntry, route: str, request: Any) -> dict[str, Any]:

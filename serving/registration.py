@@ -1,6 +1,7 @@
 """Adapters by name on the root application, and registering new ones with a running endpoint.
 
     POST   /v1/models/{name}/predict      an adapter: forwarded to its pool (serving/multiplex.py)
+    POST   /v1/models/{name}              the same, answered in the Hugging Face Inference API's shape
     GET    /v1/models/{name}              its card
     GET    /v1/models                     every model: full models, adapters from the serve plan, registered ones
     POST   /v1/registrations              {"export": PATH_OR_URI, "name": optional} → 201 and the card
@@ -33,7 +34,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray.serve.exceptions import BackPressureError
 
-from serving.errors import ServingError
+from serving.errors import ServingError, json_body
+from serving.hf_compat import HF_OPENAPI, HF_RESPONSE, hf_request, is_json
 from serving.multiplex import POOL_DEPLOYMENT, AdapterEntry, AdapterPool
 from serving.pools import MODEL_NAME, NAME_RULE, pool_key
 from serving.schemas import ErrorBody, ModelCard, ModelList, PredictResponse
@@ -223,15 +225,25 @@ def install_adapter_routes(
         """The body is the adapter's task request, as its base's `/predict` takes it; the task's own
         schema is checked by the pool replica (422 naming the field)."""
         entry = await lookup(name)
-        try:
-            body = json.loads(await request.body() or b"null")
-        except ValueError as exc:
-            raise ServingError(400, "malformed JSON body", str(exc)) from None
+        body = json_body(await request.body())
         if body is None:
             raise ServingError(422, 'invalid request: body: a JSON body is required, e.g. {"inputs": "a text"}')
         answer = await call_pool(entry, "predict", body)
         replica = answer.pop("replica", None)
         return JSONResponse(answer, headers={"x-tunefleet-replica": str(replica)})
+
+    @api.post("/v1/models/{name}", responses={**_ERRORS, **HF_RESPONSE}, openapi_extra=HF_OPENAPI,
+              summary="Predict with an adapter, answered in the Hugging Face Inference API's shape")
+    async def predict_hf(name: str, request: Request) -> JSONResponse:
+        """As /predict, and the answer is the pipeline's output itself (serving/hf_compat.py). JSON only: an
+        image goes base64 in `inputs`."""
+        entry = await lookup(name)
+        if not is_json(request) and request.headers.get("content-type"):
+            raise ServingError(415, f"unsupported content type {request.headers['content-type'][:100]!r}: an "
+                                    'adapter takes a JSON body {"inputs": ...} (an image as base64 in inputs)')
+        payload, single = hf_request(await request.body())
+        answer = await call_pool(entry, "predict", payload, single)
+        return JSONResponse(answer["hf"], headers={"x-tunefleet-replica": str(answer.get("replica"))})
 
     @api.get("/v1/models/{name}", response_model=ModelCard, responses=_ERRORS)
     @api.get("/v1/models/{name}/", response_model=ModelCard, include_in_schema=False)

@@ -61,8 +61,10 @@ def _parameters(fields: list[tuple[str, str]]) -> dict[str, Any]:
     return parameters
 
 
-async def read_upload(request: Request, max_bytes: int, max_files: int) -> tuple[list[bytes], dict[str, Any]]:
-    """(file contents in order, parameters) of a multipart form or a raw image body; 413 past max_bytes per file."""
+async def read_upload(request: Request, max_bytes: int, max_files: int,
+                      untyped_is_raw: bool = False) -> tuple[list[bytes], dict[str, Any]]:
+    """(file contents in order, parameters) of a multipart form or a raw image body; 413 past max_bytes per file.
+    `untyped_is_raw`: a body without a Content-Type is a raw image too (what Hugging Face's client sends)."""
     content_type = request.headers.get("content-type", "").lower()
     if content_type.startswith("multipart/form-data"):
         form = await request.form(max_files=max_files + 1, max_fields=32)
@@ -80,7 +82,7 @@ async def read_upload(request: Request, max_bytes: int, max_files: int) -> tuple
             await form.close()
         # The query counts here too: `curl -F file=@a.jpg "...upload?top_k=2"` is how clients write it.
         return files, _parameters([*request.query_params.multi_items(), *fields])
-    if content_type.startswith(RAW_TYPES):
+    if content_type.startswith(RAW_TYPES) or (untyped_is_raw and not content_type):
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_bytes:
             raise ServingError(413, f"the image is too large: {declared} bytes, at most {max_bytes}",

@@ -102,3 +102,26 @@ def remove_killed_ray(driver_pid: int) -> None:
     another run's directory on the shared machine is never touched."""
     for session in Path("/tmp").glob(f"tfray-*/session_*_{driver_pid}"):
         shutil.rmtree(session.parent, ignore_errors=True)
+
+
+def hf_answer(handler, body: dict):
+    """What `POST /v1/models/{name}` (the Hugging Face Inference API's shape) answers `body` with, in-process:
+    the route's own steps (serving/app.py), without Ray."""
+    import json
+
+    from serving.handlers import parse_request
+    from serving.hf_compat import hf_request
+
+    payload, single = hf_request(json.dumps(body).encode())
+    request = parse_request(handler, payload)
+    return handler.hf_format(handler.predict(request), request, single)
+
+
+def inference_client(url: str, monkeypatch, **kwargs):
+    """huggingface_hub's InferenceClient at a model's URL on a local server. The suite runs with HF_HUB_OFFLINE=1
+    (no hub here), under which the client refuses every URL, 127.0.0.1 included: lifted for this test only."""
+    import huggingface_hub.constants
+    from huggingface_hub import InferenceClient
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    return InferenceClient(model=url, timeout=60, **kwargs)

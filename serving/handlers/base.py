@@ -61,6 +61,11 @@ class TaskHandler(ABC):
     def format(self, output: Any, request: Any) -> Any:
         """One raw output → the JSON-ready prediction for its request's parameters."""
 
+    def hf_format(self, predictions: list[Any], request: Any, single: bool) -> Any:
+        """`format`'s predictions → the body the Hugging Face Inference API answers (serving/hf_compat.py):
+        the pipeline's output, for one input alone when `single` (its `inputs` was not a list)."""
+        return predictions[0] if single else predictions
+
     def predict(self, request: Any) -> list[Any]:
         """One request, in-process, in batches of `max_batch_size` items."""
         items = self.prepare(request)

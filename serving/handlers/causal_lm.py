@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, TextIteratorStreamer
 
 from serving.config import ServeSpec
@@ -41,6 +41,27 @@ class GenerationParameters(BaseModel):
     stop: StopTexts = Field(
         None, description="Up to 4 texts; generation ends before the first one.")
     return_full_text: bool = Field(False, description="Prepend the prompt to the generated text.")
+    do_sample: StrictBool | None = Field(
+        None, description="As in `generate`: false is greedy whatever the temperature; true samples, at temperature "
+                          "1 unless one is given; null: the temperature decides (0 greedy).")
+    repetition_penalty: float = Field(
+        1.0, gt=0, le=10, description="As in `generate`: above 1 discourages repeating a token already in the text; "
+                                      "1: none.")
+
+    @model_validator(mode="after")
+    def _sampling_has_a_temperature(self) -> "GenerationParameters":
+        if self.do_sample and "temperature" in self.model_fields_set and self.temperature == 0:
+            raise ValueError("do_sample true with temperature 0: sampling needs a temperature above 0 (send none "
+                             "for 1), or send do_sample false for greedy")
+        return self
+
+    def sampling_temperature(self) -> float:
+        """The temperature generation uses: 0 (greedy) or the sampling one."""
+        if self.do_sample is None:
+            return self.temperature
+        if not self.do_sample:
+            return 0.0
+        return self.temperature if "temperature" in self.model_fields_set else 1.0
 
 
 class GenerationRequest(BaseModel):
@@ -78,6 +99,7 @@ class Settings:
     top_p: float
     top_k: int | None
     stop: tuple[str, ...]
+    repetition_penalty: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -165,7 +187,8 @@ class CausalLMHandler(TaskHandler):
     def prepare(self, request: GenerationRequest) -> list[Item]:
         p = request.parameters
         stop = (p.stop,) if isinstance(p.stop, str) else tuple(p.stop or ())
-        return self._items(request.input_list(), Settings(p.max_new_tokens, p.temperature, p.top_p, p.top_k, stop), True)
+        settings = Settings(p.max_new_tokens, p.sampling_temperature(), p.top_p, p.top_k, stop, p.repetition_penalty)
+        return self._items(request.input_list(), settings, True)
 
     def openai_prepare(self, route: str, request: Any) -> list[Item]:
         if route == CHAT:
@@ -190,6 +213,8 @@ class CausalLMHandler(TaskHandler):
                           top_k=settings.top_k or 0)
         else:
             kwargs.update(do_sample=False)
+        if settings.repetition_penalty != 1.0:
+            kwargs.update(repetition_penalty=settings.repetition_penalty)
         if settings.stop:
             kwargs.update(stop_strings=list(settings.stop), tokenizer=self.tokenizer)
         return kwargs
@@ -228,6 +253,10 @@ class CausalLMHandler(TaskHandler):
             for row, index in enumerate(indices):
                 outputs[index] = self._finish(items[index], generated[row, ids.shape[1]:].tolist())
         return outputs  # type: ignore[return-value]
+
+    def hf_format(self, predictions: list[Any], request: GenerationRequest, single: bool) -> Any:
+        # The pipeline's shape: a list of generations per prompt (one each here), the list alone for one prompt.
+        return predictions if single else [[p] for p in predictions]
 
     def format(self, output: Output, request: GenerationRequest) -> dict[str, Any]:
         text = output.prompt + output.text if request.parameters.return_full_text else output.text

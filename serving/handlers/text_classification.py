@@ -14,6 +14,7 @@ rounding); both touch only the architectures training.unread_positions lists:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -109,6 +110,9 @@ class TextClassificationHandler(TaskHandler):
             for i, row in zip(index, self.model(**encoded).logits.float().tolist()):
                 outputs[i] = row
         return outputs  # type: ignore[return-value]
+
+    def hf_format(self, predictions: list[Any], request: TextClassificationRequest, single: bool) -> Any:
+        return predictions  # the Inference API nests even one input's labels: [[{"label", "score"}, ...]]
 
     def format(self, output: Logits, request: TextClassificationRequest) -> list[dict[str, float | str]]:
         p = request.parameters

@@ -276,6 +276,12 @@ class TokenClassificationHandler(TaskHandler):
         words = {way: [(*by[way], start, end) for start, end, by in spans] for way in WORD_TAGS}
         return {"text": text, "words": words, "pre_split": pre_split}
 
+    def hf_format(self, predictions: list[Any], request: TokenClassificationRequest, single: bool) -> Any:
+        if request.parameters.aggregation != "none":  # the pipeline names a joined entity's type entity_group
+            predictions = [[{"entity_group": e["entity"], **{k: v for k, v in e.items() if k != "entity"}}
+                            for e in entities] for entities in predictions]
+        return super().hf_format(predictions, request, single)
+
     def format(self, output: dict[str, Any], request: TokenClassificationRequest) -> list[dict[str, Any]]:
         parameters = request.parameters
         text, pre_split = output["text"], output["pre_split"]

@@ -57,7 +57,7 @@ def _sse(response: httpx.Response) -> list:
     return [json.loads(e) for e in events[:-1]]
 
 
-def test_train_export_pipeline_serve_openai(tmp_path, tiny_causal_lm):
+def test_train_export_pipeline_serve_openai(tmp_path, tiny_causal_lm, monkeypatch):
     job = _job(tmp_path, tiny_causal_lm)
     env = {key: value for key, value in os.environ.items() if not key.startswith("TUNEFLEET_")}
     done = subprocess.run([sys.executable, "-m", "cluster.cli", "train", str(job), "--run-id", "r1"],
@@ -112,7 +112,7 @@ def test_train_export_pipeline_serve_openai(tmp_path, tiny_causal_lm):
                               settings=ServeSpec(min_replicas=1, max_replicas=1, num_cpus=1, max_input_chars=2000))
         try:
             with httpx.Client(base_url=server.url, timeout=60) as client:
-                _check_http(client)
+                _check_http(client, monkeypatch)
         finally:
             server.shutdown()
     finally:
@@ -120,7 +120,7 @@ def test_train_export_pipeline_serve_openai(tmp_path, tiny_causal_lm):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _check_http(client: httpx.Client) -> None:
+def _check_http(client: httpx.Client, monkeypatch) -> None:
     listing = client.get("/v1/models").json()
     card = listing["models"][0]
     assert card["name"] == "tiny-lm" and card["task"] == "causal-lm"
@@ -134,6 +134,13 @@ def _check_http(client: httpx.Client) -> None:
     outputs = predict.json()["predictions"]
     assert len(outputs) == 2 and all(any(v in o["generated_text"] for v in LM_VERBS) for o in outputs), outputs
     assert all("." not in o["generated_text"] for o in outputs)  # the text before the stop
+
+    # huggingface_hub's client at the model's URL (the Inference API's shape), with the parameters it sends
+    from testdata import inference_client
+
+    hf = inference_client(f"{client.base_url}".rstrip("/") + "/v1/models/tiny-lm", monkeypatch)
+    text = hf.text_generation("the cat", max_new_tokens=6, stop=["."], do_sample=False, repetition_penalty=1.0)
+    assert text == outputs[0]["generated_text"], (text, outputs[0])
 
     # With the neutral values OpenAI clients send by default (LangChain's completions wrapper: no penalties, one choice)
     completion = client.post("/v1/completions", json={"model": "tiny-lm", "prompt": "the dog", "max_tokens": 6,

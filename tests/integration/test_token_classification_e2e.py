@@ -70,7 +70,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_train_export_pipeline_serve(tmp_path, tiny_text_model):
+def test_train_export_pipeline_serve(tmp_path, tiny_text_model, monkeypatch):
     job = _job(tmp_path, tiny_text_model)
     env = {**os.environ, "TUNEFLEET_NO_PROGRESS": "1"}
     done = subprocess.run([sys.executable, "-m", "cluster.cli", "train", str(job), "--run-id", "r1"],
@@ -121,6 +121,12 @@ def test_train_export_pipeline_serve(tmp_path, tiny_text_model):
                                                                            "ignore_labels": ["O", "LOC"]}})
                 assert hf.status_code == 200, hf.text
                 assert {(e["entity"], e["word"]) for e in hf.json()["predictions"][0]} == {("PER", "Peter Blackburn")}
+                from testdata import inference_client  # and huggingface_hub's client, at the model's URL
+
+                found = inference_client(server.url + "/v1/models/tiny-ner", monkeypatch).token_classification(
+                    text, aggregation_strategy="simple")
+                assert {(e.entity_group, e.word, e.start, e.end) for e in found} == {
+                    (e["entity"], e["word"], e["start"], e["end"]) for e in entities}
 
                 words = client.post(url, json={"inputs": {"tokens": ["Mr", "Anna", "Okafor", "said", "."]}})
                 assert words.status_code == 200, words.text

@@ -42,6 +42,41 @@ def test_greedy_generation_is_deterministic_and_counts_tokens(handler):
     assert full["generated_text"] == "the cat" + first[0]["generated_text"]
 
 
+def test_do_sample_and_repetition_penalty_as_generate_takes_them(handler):
+    """What Hugging Face clients send (InferenceClient.text_generation's do_sample, repetition_penalty)."""
+    def temperature(**parameters) -> float:
+        [item] = handler.prepare(parse_request(handler, {"inputs": "x", "parameters": parameters}))
+        return item.settings.temperature
+
+    assert temperature() == 0 and temperature(temperature=0.7) == 0.7
+    assert temperature(do_sample=False, temperature=1.5) == 0  # greedy whatever the temperature
+    assert temperature(do_sample=True) == 1.0 and temperature(do_sample=True, temperature=0.3) == 0.3
+    greedy = _predict(handler, "the cat", max_new_tokens=6)
+    assert _predict(handler, "the cat", max_new_tokens=6, do_sample=False, temperature=1.5) == greedy
+
+    import torch
+
+    prompt = handler.tokenizer("the cat", return_tensors="pt")
+    with torch.inference_mode():  # the library's own repetition penalty, called directly
+        ids = handler.model.generate(**prompt, max_new_tokens=12, do_sample=False, repetition_penalty=5.0,
+                                     pad_token_id=handler.pad_id)[0, prompt["input_ids"].shape[1]:]
+    penalised = _predict(handler, "the cat", max_new_tokens=12, repetition_penalty=5.0)[0]
+    assert penalised["generated_text"] == handler.tokenizer.decode(ids, skip_special_tokens=True)[
+        :len(penalised["generated_text"])]
+    assert penalised["generated_text"] != _predict(handler, "the cat", max_new_tokens=12)[0]["generated_text"]
+
+
+def test_the_inference_api_shape_is_the_pipelines_generations(handler):
+    """InferenceClient.text_generation reads `answer[0]["generated_text"]`; a list of prompts gets a list each."""
+    from testdata import hf_answer
+
+    parameters = {"max_new_tokens": 4}
+    [one] = hf_answer(handler, {"inputs": "Once upon", "parameters": parameters, "stream": False})
+    assert one == _predict(handler, "Once upon", **parameters)[0]
+    assert [[g["generated_text"] for g in p] for p in hf_answer(handler, {"inputs": ["a", "b"], "parameters": parameters})] \
+        == [[p["generated_text"]] for p in _predict(handler, ["a", "b"], **parameters)]
+
+
 def test_stop_texts_cut_before_the_first_match(handler):
     text = _predict(handler, "the cat", max_new_tokens=12)[0]["generated_text"]
     stop = text.strip()[:2] if text.strip() else "x"
@@ -87,6 +122,8 @@ def test_chat_uses_the_exported_template(handler):
     ({"inputs": "x", "parameters": {"stop": ["a", "b", "c", "d", "e"]}}, 422, "stop"),
     ({"inputs": "x", "parameters": {"stop": ["\n", ""]}}, 422, "parameters.stop[1]: must be a non-empty text"),
     ({"inputs": "x", "parameters": {"top_p": 0}}, 422, "top_p"),
+    ({"inputs": "x", "parameters": {"do_sample": True, "temperature": 0}}, 422, "sampling needs a temperature"),
+    ({"inputs": "x", "parameters": {"repetition_penalty": 0}}, 422, "repetition_penalty"),
 ])
 def test_limits_and_bad_parameters_are_4xx(handler, payload, status, words):
     with pytest.raises(ServingError) as caught:

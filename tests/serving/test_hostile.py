@@ -23,6 +23,7 @@ TEXT_MODEL, IMAGE_MODEL = "tiny-sentiment", "vit"
 TEXT = f"/v1/models/{TEXT_MODEL}/predict"
 IMAGE = f"/v1/models/{IMAGE_MODEL}/predict"
 UPLOAD = f"/v1/models/{IMAGE_MODEL}/predict/upload"
+TEXT_HF, IMAGE_HF = f"/v1/models/{TEXT_MODEL}", f"/v1/models/{IMAGE_MODEL}"  # the Inference API's shape
 TOKEN = "hostile-test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 JSON = {"content-type": "application/json", **AUTH}
@@ -190,6 +191,22 @@ CORPUS: list[tuple[str, str, str, dict[str, Any], int, str]] = [
      {"content": b"\x89PNG" + b"\x00" * (MAX_BODY // 2 + 10), "headers": {"content-type": "image/png"}},
      413, "too large"),
     ("text model fed an image", "POST", TEXT, {"json": {"inputs": {"image": _b64(_png())}}}, 422, "inputs"),
+    # the Hugging Face Inference API's route: its envelope, then the task's own checks
+    ("HF route: truncated JSON", "POST", TEXT_HF, {"content": b'{"inputs": '}, 400, "malformed JSON"),
+    ("HF route: JSON array", "POST", TEXT_HF, {"content": b'["a"]'}, 422, "a JSON object is required"),
+    ("HF route: stream true", "POST", TEXT_HF, {"json": {"inputs": "a", "stream": True}}, 422,
+     "stream: not offered on this route"),
+    ("HF route: details", "POST", TEXT_HF, {"json": {"inputs": "a", "details": True}}, 422, "details"),
+    ("HF route: options mistyped", "POST", TEXT_HF, {"json": {"inputs": "a", "options": {"use_cache": "no"}}}, 422,
+     "options.use_cache"),
+    ("HF route: empty text", "POST", TEXT_HF, {"json": {"inputs": ""}}, 422, "non-empty"),
+    ("HF route: too many inputs", "POST", TEXT_HF, {"json": {"inputs": ["a"] * 9}}, 413, "too many inputs"),
+    ("HF route: PUT", "PUT", TEXT_HF, {"json": {"inputs": "a"}}, 405, "not allowed"),
+    ("HF route: non-image body", "POST", IMAGE_HF, {"content": b"GIF89a" + b"\x00" * 100,
+                                                    "headers": {"content-type": "image/gif"}}, 415, "not an image"),
+    ("HF route: no token", "POST", TEXT_HF, {"json": {"inputs": "a"}, "headers": {"Authorization": ""}}, 401,
+     "missing bearer"),
+    ("HF route: unknown model", "POST", "/v1/models/nope", {"json": {"inputs": "a"}}, 404, "unknown model 'nope'"),
     # unknown and path-like model names
     ("unknown model", "POST", "/v1/models/nope/predict", {"json": {"inputs": "a"}}, 404, "unknown model 'nope'"),
     ("dot-dot name", "POST", "raw:/v1/models/../predict", {}, 400, "invalid model name"),
@@ -271,6 +288,25 @@ def _access_lines(request_id: str) -> list[dict]:
             if request_id in line and line.startswith("{"):
                 found.append(json.loads(line))
     return found
+
+
+def test_hugging_face_inference_client_reads_a_models_url(server, client, monkeypatch) -> None:
+    """huggingface_hub's InferenceClient pointed at a model's URL, as at an Inference Endpoint: the text
+    classifier's labels, and an image sent as raw bytes (no parameters) and as base64 JSON (with them)."""
+    from testdata import inference_client
+
+    text = inference_client(f"{server.url}{TEXT_HF}", monkeypatch, token=TOKEN)
+    want = client.post(TEXT, json={"inputs": "still fine", "parameters": {"top_k": 2}}, headers=AUTH).json()
+    got = text.text_classification("still fine", top_k=2)
+    assert [(e.label, e.score) for e in got] == [(p["label"], pytest.approx(p["score"], abs=1e-6))
+                                                 for p in want["predictions"][0]]
+    image = inference_client(f"{server.url}{IMAGE_HF}", monkeypatch, token=TOKEN)
+    want = client.post(IMAGE, json={"inputs": _b64(_png()), "parameters": {"top_k": 3}}, headers=AUTH).json()
+    ranked = [(p["label"], pytest.approx(p["score"], abs=1e-6)) for p in want["predictions"][0]]
+    assert [(e.label, e.score) for e in image.image_classification(_png(), top_k=3)] == ranked
+    assert [(e.label, e.score) for e in image.image_classification(_png())] == ranked[:1]  # the raw body
+    raw = client.post(IMAGE_HF, content=_png(), headers={"content-type": "image/png", **AUTH})  # by hand, typed
+    assert raw.status_code == 200 and [p["label"] for p in raw.json()] == [ranked[0][0]], raw.text
 
 
 def test_access_log_has_one_json_line_per_request(client) -> None:

@@ -81,6 +81,15 @@ def test_auto_dtype_keeps_images_in_float32_and_bfloat16_is_an_opt_in(which, req
     assert len(logits) == 3 and all(math.isfinite(x) for x in logits)
 
 
+def test_the_inference_api_shape_is_one_images_labels(torchvision_export):
+    from testdata import hf_answer
+
+    handler = load_handler(torchvision_export)
+    ranked = hf_answer(handler, {"inputs": _b64(_png()), "parameters": {"top_k": 2}})
+    assert [set(p) for p in ranked] == [{"label", "score"}] * 2
+    assert hf_answer(handler, {"inputs": [_b64(_png())] * 2}) == predict_local(torchvision_export, [_b64(_png())] * 2)
+
+
 def test_grey_and_transparent_images_are_converted(torchvision_export):
     grey, rgba = io.BytesIO(), io.BytesIO()
     Image.new("L", (20, 30), 128).save(grey, format="PNG")

@@ -85,6 +85,18 @@ def test_function_to_apply_scores_the_logits_as_the_pipeline_does(tiny_export: P
     assert caught.value.status == 422 and "parameters.function_to_apply" in caught.value.error
 
 
+def test_the_inference_api_shape_nests_each_inputs_labels(tiny_export: Path) -> None:
+    """Hugging Face's InferenceClient.text_classification reads `answer[0]`: a list of labels, even for one text."""
+    from testdata import hf_answer
+
+    handler = load_handler(tiny_export)
+    for body, count in (({"inputs": "good"}, 1), ({"inputs": ["good", "bad"], "parameters": {"top_k": 2}}, 2),
+                        ({"inputs": {"text": "a", "text_pair": "b"}, "stream": False}, 1)):
+        answer = hf_answer(handler, body)
+        assert len(answer) == count and all(isinstance(ranked, list) for ranked in answer), answer
+        assert answer == predict_local(tiny_export, body["inputs"], parameters=body.get("parameters"))
+
+
 def test_batched_and_single_scores_agree(tiny_export: Path) -> None:
     handler = load_handler(tiny_export)
     texts = ["short", "a much longer text that needs padding in a batch with the short one", "mid length text"]
@@ -319,3 +331,21 @@ def test_predict_runs_on_the_gpu_when_there_is_one(tiny_export: Path, capsys) ->
     on_cpu = predict_local(tiny_export, "a wonderful film", top_k=2, spec=ServeSpec(dtype="float32"))
     assert [p["label"] for p in on_gpu[0]] == [p["label"] for p in on_cpu[0]]
     assert [p["score"] for p in on_gpu[0]] == pytest.approx([p["score"] for p in on_cpu[0]], abs=1e-4)
+
+
+@pytest.mark.parametrize(("body", "status", "message"), [
+    (b'{"inputs": ', 400, "malformed JSON body"),
+    (b'["a"]', 422, "body: a JSON object is required"),
+    (b'{"inputs": "a", "stream": true}', 422, "stream: not offered on this route"),
+    (b'{"inputs": "a", "details": true}', 422, "details: Extra inputs are not permitted"),
+    (b'{"inputs": "a", "options": {"wait_for_model": "yes"}}', 422, "options.wait_for_model"),
+    (b'{"parameters": {}}', 422, "invalid request: inputs: Field required"),
+])
+def test_the_inference_api_envelope_refuses_what_it_cannot_honour(body, status, message) -> None:
+    from serving.hf_compat import hf_request
+
+    with pytest.raises(ServingError) as caught:
+        hf_request(body)
+    assert caught.value.status == status and message in caught.value.error, caught.value.error
+    payload, single = hf_request(b'{"inputs": ["a"], "options": {"wait_for_model": true, "use_cache": false}}')
+    assert (payload, single) == ({"inputs": ["a"]}, False)

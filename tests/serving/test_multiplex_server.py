@@ -108,6 +108,15 @@ def test_one_endpoint_lists_and_serves_every_model(client: httpx.Client, tiny_te
         assert _close(answers[name], reference_probs(tiny_text_model, adapters[name], TEXTS))
     assert abs(answers["alpha"][0][0] - answers["beta"][0][0]) > 1e-3, "two adapters answered alike"
 
+    # The Hugging Face Inference API's shape (the model's URL itself): an adapter's, and a full model's own route.
+    hf = client.post("/v1/models/beta", json={"inputs": TEXTS, "parameters": {"top_k": None}, "stream": False})
+    assert hf.status_code == 200, hf.text
+    assert _close([[dict((p["label"], p["score"]) for p in ranked)[label] for label in LABELS] for ranked in hf.json()],
+                  answers["beta"])
+    one = client.post("/sentiment", json={"inputs": "x"})
+    assert one.status_code == 200 and [len(r) for r in one.json()] == [1], one.text
+    assert client.post("/v1/models/beta", json={"inputs": "x", "stream": True}).status_code == 422
+
 
 def test_concurrent_requests_for_two_adapters_each_get_their_own_answer(server, tiny_text_model: Path,
                                                                         adapters: dict[str, Path]) -> None:

@@ -75,6 +75,20 @@ def test_offsets_point_into_the_input_across_windows(tmp_path):
     assert _predict(handler, "Peter", min_score=0.999) == [[]]
 
 
+def test_the_inference_api_shape_is_the_pipelines_entities(tmp_path):
+    """As `pipeline(..., aggregation_strategy=...)` returns them: entity_group for joined entities, entity for
+    tags; one text's list alone, a list per text for a list."""
+    from testdata import hf_answer
+
+    handler = load_handler(build_tagging_export(tmp_path / "b", "B-PER"))
+    first, second, third = hf_answer(handler, {"inputs": "Peter met Anna"})
+    assert first == {"entity_group": "PER", "word": "Peter", "start": 0, "end": 5, "score": first["score"]}
+    assert [[e["entity_group"] for e in entities] for entities in hf_answer(handler, {"inputs": ["Peter", "Anna met"]})] \
+        == [["PER"], ["PER", "PER"]]
+    [word] = hf_answer(handler, {"inputs": "Peter", "parameters": {"aggregation_strategy": "none"}})
+    assert word["entity"] == "B-PER" and "entity_group" not in word
+
+
 def test_bad_requests_answer_4xx(tmp_path):
     handler = load_handler(build_tagging_export(tmp_path / "b", "B-PER"))
     for inputs, status in (("", 422), ([], 422), ({"tokens": []}, 422), ([["a", "b"]], 422), (["x"] * 300, 413)):
