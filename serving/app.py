@@ -11,6 +11,10 @@ free; `max_ongoing_requests` exceeds the batch size so batches can fill.
                            same request answered in the Hugging Face Inference API's shape; serving/hf_compat.py)
     /v1/completions        root app → the named causal LM's app (OpenAI-compatible; serving/openai_compat.py)
     /v1/chat/completions
+    /v1/models/{name}/v1/completions, .../v1/chat/completions
+                           the same on a causal LM's own app, whatever the body's `model` says: a
+                           TGI-style endpoint URL (InferenceClient(model=URL).chat_completion, OpenAI's
+                           base_url=".../v1/models/{name}/v1")
 """
 
 import asyncio
@@ -31,7 +35,9 @@ from serving.handlers import HANDLERS, load_handler, parse_request
 from serving.hf_compat import HF_OPENAPI, HF_RESPONSE, hf_request, is_json
 from serving.metrics import CONTENT_TYPE, gather_metrics, model_metrics
 from serving.middleware import install_guard
-from serving.openai_compat import install_openai_routes
+from serving.openai_compat import (CHAT, COMPLETIONS, ChatCompletionRequest, ChatCompletionResponse,
+                                    CompletionRequest, CompletionResponse, documented, event_stream,
+                                    install_openai_routes)
 from serving.schemas import ErrorBody, Health, ModelCard, ModelList
 from serving.uploads import UPLOAD_OPENAPI, read_upload
 
@@ -143,6 +149,25 @@ def build_model_app(model: ServedModel, spec: ServeSpec, env_vars: dict[str, str
                 events = self.handler.openai_stream(route, request)  # server-sent events, one string each
                 while (event := await asyncio.to_thread(next, events, None)) is not None:
                     yield event
+
+            # The OpenAI routes on the model's own URL, as a TGI endpoint has them: the URL names the model.
+            async def _own_openai(self, route: str, request: Any) -> Any:
+                request = request.model_copy(update={"model": self.name})
+                if not request.stream:
+                    return JSONResponse(await self.openai(route, request))
+                return await event_stream(self.openai_stream(route, request))
+
+            @api.post("/v1/completions", response_model=CompletionResponse, responses=documented(CompletionResponse),
+                      tags=["openai"])
+            async def own_completions(self, body: CompletionRequest):
+                """OpenAI text completions by this model, whatever the body's `model` names."""
+                return await self._own_openai(COMPLETIONS, body)
+
+            @api.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+                      responses=documented(ChatCompletionResponse), tags=["openai"])
+            async def own_chat_completions(self, body: ChatCompletionRequest):
+                """OpenAI chat completions by this model, whatever the body's `model` names."""
+                return await self._own_openai(CHAT, body)
 
     # Tokenizers' own thread pool fights torch's threads for the replica's few cores: tokenize
     # serially (a batch of 16 takes ~1 ms) and leave the cores to the model.

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Annotated, Any, Iterable, Literal, Union
+from typing import Annotated, Any, AsyncIterator, Iterable, Literal, Union
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -157,7 +157,20 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
-def _documented(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+async def event_stream(chunks: AsyncIterator[str]) -> StreamingResponse:
+    """Server-sent events, once the first has come: limits are checked before it, so a refusal is a 4xx, not a
+    stream broken after its 200."""
+    first = await chunks.__anext__()
+
+    async def events():
+        yield first
+        async for chunk in chunks:
+            yield chunk
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def documented(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
     """/docs for a route that answers JSON, or server-sent events when the request says stream: true."""
     stream = {"schema": {"type": "string"}, "example": 'data: {"id": "...", "choices": [...]}\n\ndata: [DONE]\n\n'}
     return {**_ERRORS, 200: {"model": model, "description": "The whole answer; with `stream: true`, server-sent "
@@ -254,29 +267,21 @@ def install_openai_routes(api: FastAPI, models: list[Any], generative: set[str])
         try:
             if not request.stream:
                 return JSONResponse(await handle.openai.remote(*args, route, request))
-            chunks = handle.options(stream=True).openai_stream.remote(*args, route, request)
-            first = await chunks.__anext__()  # limits are checked before the first event: a 4xx, not a broken stream
+            return await event_stream(handle.options(stream=True).openai_stream.remote(*args, route, request))
         except Exception as exc:
             error = _as_serving_error(exc)
             if error is None:
                 raise
             raise error from None
 
-        async def events():
-            yield first
-            async for chunk in chunks:
-                yield chunk
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-    @api.post("/v1/completions", response_model=CompletionResponse, responses=_documented(CompletionResponse),
+    @api.post("/v1/completions", response_model=CompletionResponse, responses=documented(CompletionResponse),
               tags=["openai"])
     async def completions(body: CompletionRequest):
         """OpenAI text completions: a prompt (or several) continued by a causal LM."""
         return await forward(COMPLETIONS, body)
 
     @api.post("/v1/chat/completions", response_model=ChatCompletionResponse,
-              responses=_documented(ChatCompletionResponse), tags=["openai"])
+              responses=documented(ChatCompletionResponse), tags=["openai"])
     async def chat_completions(body: ChatCompletionRequest):
         """OpenAI chat completions: messages rendered with the model's chat template, the assistant's reply."""
         return await forward(CHAT, body)

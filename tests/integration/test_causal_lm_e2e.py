@@ -141,6 +141,18 @@ def _check_http(client: httpx.Client, monkeypatch) -> None:
     hf = inference_client(f"{client.base_url}".rstrip("/") + "/v1/models/tiny-lm", monkeypatch)
     text = hf.text_generation("the cat", max_new_tokens=6, stop=["."], do_sample=False, repetition_penalty=1.0)
     assert text == outputs[0]["generated_text"], (text, outputs[0])
+    # ... and its chat_completion, which posts to <model URL>/v1/chat/completions as on a TGI endpoint
+    messages = [{"role": "user", "content": "the cat"}]
+    root = client.post("/v1/chat/completions", json={"model": "tiny-lm", "messages": messages, "max_tokens": 6,
+                                                     "temperature": 0})
+    assert root.status_code == 200, root.text
+    said = root.json()["choices"][0]["message"]["content"]
+    chat = hf.chat_completion(messages, max_tokens=6, temperature=0)
+    assert (chat.model, chat.choices[0].message.content) == ("tiny-lm", said)
+    chunks = hf.chat_completion(messages, max_tokens=6, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == said
+    assert client.post("/v1/models/tiny-lm/v1/completions", json={"model": "any", "prompt": "x", "max_tokens": 9999}
+                       ).status_code == 422  # the model's own limits, before any event
 
     # With the neutral values OpenAI clients send by default (LangChain's completions wrapper: no penalties, one choice)
     completion = client.post("/v1/completions", json={"model": "tiny-lm", "prompt": "the dog", "max_tokens": 6,
