@@ -286,4 +286,18 @@ def install_openai_routes(api: FastAPI, models: list[Any], generative: set[str])
         """OpenAI chat completions: messages rendered with the model's chat template, the assistant's reply."""
         return await forward(CHAT, body)
 
+    # On a model's URL, as a TGI endpoint has them: the URL names the model, whatever the body's `model` says.
+    # A full model's own app answers these itself (serving/app.py); here they reach adapters served by a pool.
+    @api.post("/v1/models/{name}/v1/completions", response_model=CompletionResponse,
+              responses=documented(CompletionResponse), tags=["openai"])
+    async def model_completions(name: str, body: CompletionRequest):
+        """OpenAI text completions by the model (or adapter) the URL names."""
+        return await forward(COMPLETIONS, body.model_copy(update={"model": name}))
+
+    @api.post("/v1/models/{name}/v1/chat/completions", response_model=ChatCompletionResponse,
+              responses=documented(ChatCompletionResponse), tags=["openai"])
+    async def model_chat_completions(name: str, body: ChatCompletionRequest):
+        """OpenAI chat completions by the model (or adapter) the URL names."""
+        return await forward(CHAT, body.model_copy(update={"model": name}))
+
     return api

@@ -250,6 +250,14 @@ def install_adapter_routes(
     async def card(name: str) -> dict[str, Any]:
         return (await lookup(name)).card().model_dump()
 
+    @api.api_route("/v1/models/{name}/{rest:path}", methods=["GET", "POST"], include_in_schema=False)
+    async def other_route(name: str, request: Request) -> None:
+        """Any other route under an adapter's name: say which it has (the root's catch-all called it unknown)."""
+        await lookup(name)  # an unknown, invalid or elsewhere-served name gets its own 404 or 400
+        raise ServingError(404, f"no route {request.method} {request.url.path[:200]}: an adapter answers POST "
+                                f"/v1/models/{name}/predict, POST /v1/models/{name} and GET /v1/models/{name}",
+                           {"model": name})
+
     @api.post("/v1/registrations", status_code=201, response_model=ModelCard, responses=_ERRORS)
     async def register(body: RegistrationRequest) -> dict[str, Any]:
         """Serve an adapter export from now on, without a redeploy; answers once a replica has loaded it."""

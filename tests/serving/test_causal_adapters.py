@@ -95,9 +95,16 @@ def test_causal_lm_adapters_answer_on_openai_routes(local_ray, tiny_causal_lm: P
                 predicted = client.post(f"/v1/models/{name}/predict",
                                         json={"inputs": PROMPT, "parameters": {"max_new_tokens": 6}})
                 assert predicted.status_code == 200, predicted.text
+                # the adapter's own URL, as a TGI endpoint's: the URL names the model, not the body
+                own = client.post(f"/v1/models/{name}/v1/completions", json={**body, "model": "dummy"})
+                assert own.status_code == 200 and own.json()["model"] == name, own.text
+                assert own.json()["choices"][0]["text"] == texts[name]
             assert texts["lm-a"] != texts["lm-b"], "two adapters answered alike"
 
             unknown = client.post("/v1/completions", json={"model": "nope", "prompt": PROMPT})
+            assert unknown.status_code == 404 and "unknown model 'nope'" in unknown.json()["error"]
+            unknown = client.post("/v1/models/nope/v1/chat/completions",
+                                  json={"model": "lm-a", "messages": [{"role": "user", "content": "hi"}]})
             assert unknown.status_code == 404 and "unknown model 'nope'" in unknown.json()["error"]
     finally:
         server.shutdown()

@@ -116,6 +116,8 @@ def test_one_endpoint_lists_and_serves_every_model(client: httpx.Client, tiny_te
     one = client.post("/sentiment", json={"inputs": "x"})
     assert one.status_code == 200 and [len(r) for r in one.json()] == [1], one.text
     assert client.post("/v1/models/beta", json={"inputs": "x", "stream": True}).status_code == 422
+    other = client.post("/v1/models/beta/explain", json={"inputs": "x"})  # a served adapter, not "unknown"
+    assert other.status_code == 404 and "an adapter answers POST /v1/models/beta/predict" in other.json()["error"]
 
 
 def test_concurrent_requests_for_two_adapters_each_get_their_own_answer(server, tiny_text_model: Path,
