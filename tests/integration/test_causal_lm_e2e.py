@@ -153,6 +153,9 @@ def _check_http(client: httpx.Client, monkeypatch) -> None:
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == said
     assert client.post("/v1/models/tiny-lm/v1/completions", json={"model": "any", "prompt": "x", "max_tokens": 9999}
                        ).status_code == 422  # the model's own limits, before any event
+    schema = client.get("/v1/models/tiny-lm/openapi.json")  # /docs describes the model's own routes
+    assert schema.status_code == 200, schema.text
+    assert {"/", "/predict", "/v1/completions", "/v1/chat/completions"} <= set(schema.json()["paths"])
 
     # With the neutral values OpenAI clients send by default (LangChain's completions wrapper: no penalties, one choice)
     completion = client.post("/v1/completions", json={"model": "tiny-lm", "prompt": "the dog", "max_tokens": 6,
