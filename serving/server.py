@@ -350,4 +350,6 @@ def _start_and_announce(export_dirs, names, host, port, settings, ingress, plan)
               f"{adapter.pool})", flush=True)
     print(f"  POST {server.url}/v1/registrations  (add an adapter: tunefleet serve add RUN --endpoint {server.url})",
           flush=True)
+    print("  (a model's URL itself, without /predict, answers as a Hugging Face Inference Endpoint: "
+          "InferenceClient(model=URL); docs/serving.md)", flush=True)
     return server

@@ -81,9 +81,12 @@ def test_serve_answers_then_sigint_drains_and_cleans_up(tiny_export: Path) -> No
         answer = httpx.post(f"http://127.0.0.1:{server.port}/v1/models/tiny-sentiment/predict", json={"inputs": "fine"},
                             timeout=30)
         assert answer.status_code == 200 and answer.json()["model"] == "tiny-sentiment"
+        hf = httpx.post(f"http://127.0.0.1:{server.port}/v1/models/tiny-sentiment", json={"inputs": "fine"}, timeout=30)
+        assert hf.status_code == 200 and hf.json() == answer.json()["predictions"], hf.text  # the Inference API's shape
     finally:
         code = server.stop()
     assert code == 0, "".join(server.lines)
+    assert any("answers as a Hugging Face Inference Endpoint" in line for line in server.lines)
     assert any("draining in-flight requests" in line for line in server.lines)
     assert not _left_behind(temp_dir)
 
